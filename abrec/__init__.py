@@ -1,0 +1,1 @@
+"""abrec: A/B testing and live experiments for session-based recommenders."""

@@ -1,0 +1,31 @@
+"""Configuration in one place: every setting has a default and an ABREC_* environment variable."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"ABREC_{name}", default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # SQLite file by default; any SQLAlchemy URL works (postgresql+psycopg://... for several processes).
+    database_url: str = field(default_factory=lambda: _env("DATABASE_URL", "sqlite:///abrec.db"))
+    # Where `abrec model-server` listens and API processes find it.
+    model_server_url: str = field(default_factory=lambda: _env("MODEL_SERVER_URL", "http://127.0.0.1:8601"))
+    # Per-request deadline of an API process waiting for the model server (seconds).
+    model_deadline_s: float = field(default_factory=lambda: float(_env("MODEL_DEADLINE_MS", "50")) / 1000)
+    # Signs impression ids (HMAC) and dashboard sessions. Set it in production.
+    secret_key: str = field(default_factory=lambda: _env("SECRET_KEY", "dev-secret-change-me"))
+    # Directory that holds registered model artifacts.
+    registry_store: Path = field(default_factory=lambda: Path(_env("REGISTRY_STORE", "abrec-registry")))
+    # Attribution window of a click after its impression (seconds).
+    attribution_window_s: int = field(default_factory=lambda: int(_env("ATTRIBUTION_WINDOW_S", "1800")))
+
+
+def get_settings() -> Settings:
+    return Settings()
