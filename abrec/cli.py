@@ -14,8 +14,11 @@ import sys
 # working while a package is being built.
 COMMAND_MODULES = [
     "abrec.models.cli",
+    "abrec.models.server_cli",
     "abrec.assignment.cli",
     "abrec.experiments.cli",
+    "abrec.experiments.models_admin",
+    "abrec.experiments.simulate",
     "abrec.analysis.cli",
     "abrec.dashboard.cli",
     "abrec.demo",
