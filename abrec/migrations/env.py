@@ -19,10 +19,18 @@ def run() -> None:
         _migrate(connection)
 
 
+def _render_item(type_, obj, autogen_context):
+    # Migrations must not import application types: UTCDateTime is a plain aware DateTime in the DB.
+    if type_ == "type" and type(obj).__name__ == "UTCDateTime":
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
 def _migrate(connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
+        render_item=_render_item,
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():
