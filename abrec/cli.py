@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "abrec.experiments.models_admin",
     "abrec.experiments.simulate",
     "abrec.analysis.cli",
+    "abrec.analysis.report_cli",
     "abrec.dashboard.cli",
     "abrec.demo",
 ]
