@@ -1,0 +1,747 @@
+"""The model server: every served model on one device, dynamic micro-batching, hot swap, HTTP.
+
+One `ModelServer` per device. It resolves aliases (`tron@champion`) to registry versions itself,
+polling the database every `poll_s` seconds (a plain query that works the same on SQLite and
+PostgreSQL; LISTEN/NOTIFY would only shave that second off). Each version in use is loaded once and
+gets its own `Batcher`, which groups concurrent requests into one forward pass as Triton's dynamic
+batcher does: a batch closes when it holds `max_batch` requests or `max_delay_s` after its first
+request arrived, whichever is first. A batch never mixes versions, and every answer names the
+version that computed it.
+
+Hot swap: when an alias moves, the new version loads and warms up in the background while the old
+one keeps serving; the alias is then switched in one assignment. Requests already queued on the old
+version finish there, after which the old version is unloaded. A failed load keeps the old version
+serving and is reported by `/readyz` and `/status`.
+
+Which aliases to serve: those named on the command line, plus (with `discover`) every alias bound to
+an arm that currently serves traffic — all arms of running experiments, the control arm of paused
+and stopped ones, the shipped arm of shipped ones. models/ may not import experiments/, so that is
+one plain SQL query against the `arms` and `experiments` tables (skipped if they don't exist).
+
+HTTP (uvicorn + httptools, a raw ASGI app; keep-alive): POST /v1/recommend (see client.py),
+GET /healthz, /readyz, /status and /metrics (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from abrec.models.checkpoint import load_checkpoint
+from abrec.models.data import ItemMap
+from abrec.models.inference import pad_left, score_batch
+from abrec.models.registry import ModelAlias, ModelVersion, parse_alias, parse_version
+from abrec.models.store import ArtifactStore
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger("abrec.model_server")
+
+MAX_ITEMS = 1000  # items per request; the model reads only its max_len newest anyway
+MAX_K = 1000
+MAX_BODY = 256 * 1024
+
+# Aliases of arms that serve traffic now (see the module docstring); plain SQL on purpose.
+DISCOVER_SQL = text(
+    """
+    SELECT DISTINCT a.model_alias FROM arms a JOIN experiments e ON e.id = a.experiment_id
+    WHERE e.status = 'running'
+       OR (e.status IN ('paused', 'stopped') AND a.position = 0)
+       OR (e.status = 'shipped' AND a.name = e.shipped_arm)
+    """
+)
+
+
+class NotServed(LookupError):
+    """The requested model is not one this server serves (or not loaded yet)."""
+
+
+class BadRequest(ValueError):
+    """The request is malformed; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class Result:
+    items: list[str]
+    scores: list[float]  # empty when answered from the version's popular items (no known item)
+    version: str
+    unknown: int
+
+
+@dataclass
+class _Request:
+    session: list[int]
+    k: int
+    exclude_seen: bool
+    unknown: int
+    future: Future
+    t0: float = field(default_factory=time.perf_counter)
+
+
+_STOP = object()
+
+
+class Batcher:
+    """Dynamic batching for one model version: a queue and one worker thread.
+
+    The worker takes the first waiting request, then keeps taking requests until the batch holds
+    `max_batch` or `max_delay_s` has passed since that first request arrived. It then waits for the
+    device (shared by every batcher of the server, so forward passes never overlap), tops the batch
+    up with whatever arrived meanwhile, and runs it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[list[_Request]], None],
+        *,
+        max_batch: int,
+        max_delay_s: float,
+        device_lock: threading.Lock,
+        observe_batch: Callable[[int], None] = lambda n: None,
+    ) -> None:
+        self.name = name
+        self._run = run
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self._device_lock = device_lock
+        self._observe_batch = observe_batch
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: _Request) -> None:
+        with self._close_lock:
+            if self._closed:
+                raise NotServed(f"{self.name} is being unloaded")
+            self._queue.put(request)
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, wait: bool = False) -> None:
+        """Stop taking requests; those already queued still run. Idempotent."""
+        with self._close_lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
+        if wait:
+            self._thread.join()
+
+    def _take(self, timeout: float) -> Any:
+        """The next queued item, waiting at most `timeout` seconds; None when there is none."""
+        try:
+            return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            close_at = first.t0 + self.max_delay_s
+            while len(batch) < self.max_batch:
+                item = self._take(close_at - time.perf_counter())
+                if item is None:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            with self._device_lock:
+                while not stopping and len(batch) < self.max_batch:
+                    item = self._take(0)
+                    if item is None:
+                        break
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    batch.append(item)
+                # A caller that gave up (deadline) cancelled its future: don't compute for it.
+                live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+                if live:
+                    self._observe_batch(len(live))
+                    try:
+                        self._run(live)
+                    except Exception as exc:  # a model fault fails this batch, never the worker
+                        log.exception("batch of %d on %s failed", len(live), self.name)
+                        for r in live:
+                            if not r.future.done():
+                                r.future.set_exception(exc)
+
+
+class LoadedVersion:
+    """One registry version resident on the device, with its id map and its batcher."""
+
+    def __init__(
+        self, row: ModelVersion, model: torch.nn.Module, item_map: ItemMap, popular: list[int], device: str
+    ) -> None:
+        self.label = row.label
+        self.version_id = row.id
+        self.sha256 = row.sha256
+        self.kind = row.kind
+        self.model = model
+        self.device = torch.device(device)
+        self.n_items = len(item_map)
+        # External ids indexed by internal id (index 0, the padding, is never returned).
+        self.external = np.array([""] + item_map.external_ids, dtype=object)
+        self.internal: dict[str, int] = {e: i for i, e in enumerate(item_map.external_ids, start=1)}
+        self.popular = popular
+        self.memory_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        self.loaded_at = time.time()
+        self.load_seconds = 0.0
+        self.batcher: Batcher | None = None
+
+    def prepare(self, items: list[str], k: int, exclude_seen: bool, future: Future) -> _Request | None:
+        """Map the shop's ids to internal ones; answer at once (None) when none is known."""
+        session = [i for i in (self.internal.get(item) for item in items) if i is not None]
+        unknown = len(items) - len(session)
+        if not session:
+            # No known click: the version's most popular training items are its best guess.
+            top = [int(i) for i in self.popular[:k]]
+            future.set_result(Result(self.external[top].tolist(), [], self.label, unknown))
+            return None
+        return _Request(session, k, exclude_seen, unknown, future)
+
+    def run(self, batch: list[_Request]) -> None:
+        """One forward pass for the whole batch, then per-request exclusion and top-k."""
+        with torch.inference_mode():
+            scores = score_batch(self.model, [r.session for r in batch])
+            rows = [i for i, r in enumerate(batch) if r.exclude_seen]
+            if rows:
+                seen, _ = pad_left([batch[i].session for i in rows], max(len(batch[i].session) for i in rows),
+                                   scores.device)
+                index = torch.as_tensor(rows, device=scores.device)
+                scores[index] = scores[index].scatter(1, seen, float("-inf"))
+            k = min(max(r.k for r in batch), self.n_items)
+            top = torch.topk(scores, k, dim=1)
+            ids = top.indices.cpu().numpy()
+            values = top.values.float().cpu().numpy()
+        for i, r in enumerate(batch):
+            keep = np.isfinite(values[i, : r.k])  # excluded items sort last with -inf
+            row_ids = ids[i, : r.k][keep]
+            r.future.set_result(Result(self.external[row_ids].tolist(), values[i, : r.k][keep].tolist(),
+                                       self.label, r.unknown))
+
+    def warm_up(self, max_batch: int) -> None:
+        """Run the sizes the batcher will use once, so first requests don't pay for allocation."""
+        gen = torch.Generator().manual_seed(0)
+        for size in sorted({1, max(1, max_batch // 2), max_batch}):
+            batch = []
+            for _ in range(size):
+                length = int(torch.randint(1, 10, (1,), generator=gen))
+                session = torch.randint(1, self.n_items + 1, (length,), generator=gen).tolist()
+                fut: Future = Future()
+                fut.set_running_or_notify_cancel()
+                batch.append(_Request(session, 20, True, 0, fut))
+            self.run(batch)
+            for r in batch:
+                scores = r.future.result().scores
+                if not all(np.isfinite(scores)):
+                    raise RuntimeError("warm-up gave non-finite scores")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ModelServer:
+    """Loads, batches and hot-swaps every served model; thread-safe; HTTP comes from `serve_http`."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        store: ArtifactStore,
+        *,
+        aliases: Iterable[str] = (),
+        discover: bool = True,
+        device: str | None = None,
+        max_batch: int = 64,
+        max_delay_s: float = 0.002,
+        poll_s: float = 1.0,
+    ) -> None:
+        for ref in aliases:
+            parse_alias(ref) if "@" in ref else parse_version(ref)  # fail fast on a typo
+        if max_batch < 1 or max_delay_s < 0:
+            raise ValueError("max_batch must be >= 1 and max_delay_s >= 0")
+        self.sessions = sessions
+        self.store = store
+        self.explicit = list(dict.fromkeys(aliases))
+        self.discover = discover
+        self.device = device or default_device()
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.poll_s = poll_s
+        self._lock = threading.Lock()
+        self._device_lock = threading.Lock()
+        self._routes: dict[str, LoadedVersion] = {}  # alias or pinned version -> what serves it
+        self._loaded: dict[int, LoadedVersion] = {}  # version id -> resident version
+        self._refs: list[str] = []  # every ref this server should serve now
+        self._wanted: dict[str, int] = {}  # served ref -> version id it should serve
+        self._loading: set[int] = set()
+        self._failed: dict[int, str] = {}  # version id -> why its load failed (not retried)
+        self._errors: dict[str, str] = {}  # served ref -> last problem, shown by /readyz
+        self._db_error: str | None = None
+        self._refreshed = False
+        self._changed = threading.Condition(self._lock)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+        self._init_metrics()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> ModelServer:
+        """Resolve and start loading every served model, then keep polling for alias moves."""
+        self.refresh()
+        self._poller = threading.Thread(target=self._poll_loop, name="alias-poller", daemon=True)
+        self._poller.start()
+        return self
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.refresh()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join()
+        self._loader.shutdown(wait=True)
+        with self._lock:
+            versions = list(self._loaded.values())
+            self._routes.clear()
+            self._loaded.clear()
+        for lv in versions:
+            if lv.batcher is not None:
+                lv.batcher.close(wait=True)
+
+    def wait_ready(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self._changed:
+            while not self._is_ready_locked():
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return True
+
+    # ---------------------------------------------------------------- alias resolution and swaps
+
+    def _wanted_refs(self) -> list[str]:
+        refs = list(self.explicit)
+        if self.discover:
+            try:
+                with self.sessions() as session:
+                    refs += [r for (r,) in session.execute(DISCOVER_SQL) if r]
+            except Exception as exc:  # no experiments tables (a models-only database): nothing to add
+                log.debug("arm discovery skipped: %s", exc)
+        return list(dict.fromkeys(refs))
+
+    def _targets(self, session: Session, refs: list[str]) -> tuple[dict[str, ModelVersion], dict[str, str]]:
+        """ref -> the version it should serve now, and ref -> why it can't be resolved."""
+        targets: dict[str, ModelVersion] = {}
+        errors: dict[str, str] = {}
+        aliases = {r: parse_alias(r) for r in refs if "@" in r and _valid(parse_alias, r)}
+        names = {name for name, _ in aliases.values()}
+        rows = session.scalars(select(ModelAlias).where(ModelAlias.name.in_(names))) if names else []
+        current = {row.ref: row.version for row in rows}
+        for ref in refs:
+            if "@" in ref:
+                if ref not in aliases:
+                    errors[ref] = f"{ref!r} is not a valid alias"
+                elif ref in current:
+                    targets[ref] = current[ref]
+                else:
+                    errors[ref] = f"no alias {ref} in the registry"
+            elif not _valid(parse_version, ref):
+                errors[ref] = f"{ref!r} is not a valid model reference"
+            else:
+                name, number = parse_version(ref)
+                row = session.scalar(
+                    select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == number)
+                )
+                if row is None:
+                    errors[ref] = f"no model version {ref}"
+                else:
+                    targets[ref] = row
+        return targets, errors
+
+    def refresh(self) -> None:
+        """One poll: find what each served ref should point to, start loads, switch what is ready."""
+        try:
+            refs = self._wanted_refs()
+            with self.sessions() as session:
+                targets, errors = self._targets(session, refs)
+        except Exception as exc:  # the database is down: keep serving what is loaded
+            with self._changed:
+                self._db_error = f"{type(exc).__name__}: {exc}"
+                self._changed.notify_all()
+            log.warning("alias poll failed: %s", exc)
+            return
+        to_load: list[ModelVersion] = []
+        with self._changed:
+            self._db_error = None
+            self._refs = refs
+            self._wanted = {ref: row.id for ref, row in targets.items()}
+            self._errors = {ref: why for ref, why in self._errors.items() if ref in refs} | errors
+            for ref, row in targets.items():
+                if row.id in self._failed:
+                    self._errors[ref] = self._failed[row.id]
+                elif row.id not in self._loaded and row.id not in self._loading:
+                    self._loading.add(row.id)
+                    to_load.append(row)
+            self._apply_routes_locked()
+            self._refreshed = True
+            self._changed.notify_all()
+        for row in to_load:
+            self._loader.submit(self._load, row)
+
+    def _apply_routes_locked(self) -> None:
+        """Point every served ref at its wanted version where that is resident; retire the unused."""
+        for ref in list(self._routes):
+            if ref not in self._refs:
+                del self._routes[ref]
+        for ref, vid in self._wanted.items():
+            lv = self._loaded.get(vid)
+            if lv is not None:
+                if self._routes.get(ref) is not lv:
+                    log.info("%s now served by %s", ref, lv.label)
+                self._routes[ref] = lv  # the swap: one assignment under the lock
+                self._errors.pop(ref, None)
+        keep = {lv.version_id for lv in self._routes.values()} | set(self._wanted.values())
+        for vid, lv in list(self._loaded.items()):
+            if vid not in keep:
+                del self._loaded[vid]
+                log.info("unloading %s", lv.label)
+                if lv.batcher is not None:
+                    lv.batcher.close()  # queued requests finish on it first
+
+    def _load(self, row: ModelVersion) -> None:
+        t0 = time.perf_counter()
+        try:
+            path = self.store.fetch(row.artifact_key, row.sha256)
+            ckpt = load_checkpoint(path, device=self.device)
+            lv = LoadedVersion(row, ckpt.model, ckpt.item_map, ckpt.popular, self.device)
+            lv.warm_up(self.max_batch)
+            lv.batcher = Batcher(
+                lv.label,
+                lv.run,
+                max_batch=self.max_batch,
+                max_delay_s=self.max_delay_s,
+                device_lock=self._device_lock,
+                observe_batch=self._m_batch.labels(lv.label).observe,
+            )
+            lv.load_seconds = time.perf_counter() - t0
+        except Exception as exc:
+            why = f"loading {row.label} failed: {type(exc).__name__}: {exc}"
+            log.error(why)
+            with self._changed:
+                self._loading.discard(row.id)
+                self._failed[row.id] = why
+                for ref, vid in self._wanted.items():
+                    if vid == row.id:
+                        self._errors[ref] = why
+                self._changed.notify_all()
+            return
+        log.info("loaded %s on %s in %.2fs (%.1f MiB)", lv.label, self.device, lv.load_seconds,
+                 lv.memory_bytes / 2**20)
+        with self._changed:
+            self._loading.discard(row.id)
+            self._loaded[row.id] = lv
+            self._apply_routes_locked()
+            self._changed.notify_all()
+
+    # ---------------------------------------------------------------- serving
+
+    def submit(self, ref: str, items: list[str], k: int, *, exclude_seen: bool = False) -> Future:
+        """Queue one recommendation; the future resolves to a Result (or the model's exception)."""
+        future: Future = Future()
+        for _ in range(3):  # a swap can retire the version between lookup and submit: look again
+            lv = self._routes.get(ref)
+            if lv is None:
+                raise NotServed(self._not_served_reason(ref))
+            request = lv.prepare(items, k, exclude_seen, future)
+            if request is None:
+                return future
+            try:
+                lv.batcher.submit(request)
+            except NotServed:
+                continue
+            return future
+        raise NotServed(f"{ref} is being swapped; try again")
+
+    def recommend(
+        self, ref: str, items: list[str], k: int, *, exclude_seen: bool = False, timeout: float | None = None
+    ) -> Result:
+        """Blocking form of `submit` for in-process callers."""
+        future = self.submit(ref, items, k, exclude_seen=exclude_seen)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _not_served_reason(self, ref: str) -> str:
+        with self._lock:
+            if ref in self._errors:
+                return f"{ref} is not available: {self._errors[ref]}"
+            if ref in self._wanted:
+                return f"{ref} is still loading"
+        return f"{ref} is not served here (serving: {', '.join(sorted(self._routes)) or 'nothing'})"
+
+    # ---------------------------------------------------------------- state for /readyz, /status
+
+    def _is_ready_locked(self) -> bool:
+        return self._refreshed and all(self._routes.get(ref) for ref in self._refs)
+
+    def is_ready(self) -> bool:
+        with self._lock:
+            return self._is_ready_locked()
+
+    def readiness(self) -> dict[str, Any]:
+        with self._lock:
+            refs = sorted(self._refs)
+            models = {}
+            for ref in refs:
+                lv = self._routes.get(ref)
+                models[ref] = {"ready": lv is not None, "version": lv.label if lv else None}
+                if ref in self._errors:
+                    models[ref]["error"] = self._errors[ref]
+            return {"ready": self._is_ready_locked(), "models": models, "db_error": self._db_error}
+
+    def status(self) -> dict[str, Any]:
+        state = self.readiness()
+        with self._lock:
+            loaded = list(self._loaded.values())
+            loading = sorted(self._loading)
+        state |= {
+            "device": self.device,
+            "max_batch": self.max_batch,
+            "max_delay_ms": self.max_delay_s * 1000,
+            "loaded": {
+                lv.label: {
+                    "kind": lv.kind,
+                    "sha256": lv.sha256,
+                    "items": lv.n_items,
+                    "memory_bytes": lv.memory_bytes,
+                    "load_seconds": round(lv.load_seconds, 3),
+                    "queue_depth": lv.batcher.depth() if lv.batcher else 0,
+                }
+                for lv in loaded
+            },
+            "loading_version_ids": loading,
+        }
+        return state
+
+    # ---------------------------------------------------------------- metrics
+
+    def _init_metrics(self) -> None:
+        self.metrics = CollectorRegistry()
+        self._m_requests = Counter("abrec_model_requests", "Recommendations answered", ["version", "outcome"],
+                                   registry=self.metrics)
+        self._m_unknown = Counter("abrec_model_unknown_items", "Request item ids missing from the id map",
+                                  ["version"], registry=self.metrics)
+        self._m_latency = Histogram("abrec_model_request_seconds", "Queue + compute time in the server",
+                                    ["version"], registry=self.metrics,
+                                    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0))
+        self._m_batch = Histogram("abrec_model_batch_size", "Requests per forward pass", ["version"],
+                                  registry=self.metrics, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.metrics.register(_StateCollector(self))
+
+    def observe(self, result: Result | None, seconds: float, version: str | None) -> None:
+        if result is None:
+            self._m_requests.labels(version or "none", "error").inc()
+            return
+        self._m_requests.labels(result.version, "ok").inc()
+        self._m_latency.labels(result.version).observe(seconds)
+        if result.unknown:
+            self._m_unknown.labels(result.version).inc(result.unknown)
+
+
+class _StateCollector:
+    """Gauges read at scrape time: memory per model, queue depth, readiness."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self.server = server
+
+    def collect(self):
+        status = self.server.status()
+        memory = GaugeMetricFamily("abrec_model_memory_bytes", "Parameter and buffer bytes per model",
+                                   labels=["version", "device"])
+        depth = GaugeMetricFamily("abrec_model_queue_depth", "Requests waiting per model", labels=["version"])
+        for label, info in status["loaded"].items():
+            memory.add_metric([label, status["device"]], info["memory_bytes"])
+            depth.add_metric([label], info["queue_depth"])
+        ready = GaugeMetricFamily("abrec_model_server_ready", "1 when every served model is ready")
+        ready.add_metric([], 1.0 if status["ready"] else 0.0)
+        return [memory, depth, ready]
+
+
+def _valid(parse: Callable[[str], Any], ref: str) -> bool:
+    try:
+        parse(ref)
+    except ValueError:
+        return False
+    return True
+
+
+# -------------------------------------------------------------------- HTTP
+
+
+def parse_recommend(body: bytes) -> tuple[str, list[str], int, bool]:
+    """Validate a /v1/recommend body; BadRequest names the first problem found."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    extra = set(data) - {"model", "items", "k", "exclude_seen"}
+    if extra:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(extra))}")
+    model, items, k, exclude = data.get("model"), data.get("items"), data.get("k", 20), data.get(
+        "exclude_seen", False)
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string such as 'tron@champion'")
+    if not isinstance(items, list) or not all(
+        isinstance(i, str | int) and not isinstance(i, bool) for i in items
+    ):
+        raise BadRequest("'items' must be a list of item ids (strings or integers)")
+    if len(items) > MAX_ITEMS:
+        raise BadRequest(f"'items' holds {len(items)} ids; at most {MAX_ITEMS}")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise BadRequest(f"'k' must be an integer in 1..{MAX_K}")
+    if not isinstance(exclude, bool):
+        raise BadRequest("'exclude_seen' must be true or false")
+    return model, [str(i) for i in items], k, exclude
+
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class HttpApp:
+    """A raw ASGI application over a ModelServer (no framework: this is the hot path)."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self.server = server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":  # lifespan is off; there is nothing else to serve
+            return
+        method, path = scope["method"], scope["path"]
+        if path == "/v1/recommend":
+            if method != "POST":
+                return await _reply(send, 405, {"error": "use POST"})
+            return await self._recommend(receive, send)
+        if method != "GET":
+            return await _reply(send, 405, {"error": "use GET"})
+        if path == "/healthz":
+            return await _reply(send, 200, {"status": "ok"})
+        if path == "/readyz":
+            state = self.server.readiness()
+            return await _reply(send, 200 if state["ready"] else 503, state)
+        if path == "/status":
+            return await _reply(send, 200, self.server.status())
+        if path == "/metrics":
+            body = generate_latest(self.server.metrics)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain; version=0.0.4")]})
+            return await send({"type": "http.response.body", "body": body})
+        return await _reply(send, 404, {"error": f"no endpoint {path}"})
+
+    async def _recommend(self, receive, send) -> None:
+        t0 = time.perf_counter()
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > MAX_BODY:
+                return await _reply(send, 413, {"error": f"body larger than {MAX_BODY} bytes"})
+            if not message.get("more_body"):
+                break
+        result = None
+        try:
+            model, items, k, exclude = parse_recommend(body)
+            result = await asyncio.wrap_future(self.server.submit(model, items, k, exclude_seen=exclude))
+        except BadRequest as exc:
+            return await _reply(send, 400, {"error": str(exc)})
+        except NotServed as exc:
+            return await _reply(send, 404, {"error": str(exc)})
+        except Exception as exc:  # the model raised: the client falls back
+            self.server.observe(None, 0.0, None)
+            return await _reply(send, 500, {"error": f"model failed: {type(exc).__name__}: {exc}"})
+        self.server.observe(result, time.perf_counter() - t0, result.version)
+        await _reply(send, 200, {"items": result.items, "version": result.version, "unknown": result.unknown})
+
+
+async def _reply(send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
+    await send({"type": "http.response.body", "body": body})
+
+
+class HttpServer:
+    """uvicorn serving `HttpApp` on a thread (tests, the demo) or the main thread (`run`)."""
+
+    def __init__(self, server: ModelServer, host: str = "127.0.0.1", port: int = 8601) -> None:
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on such sockets, and without it
+        # every answer (head and body are two writes) waits ~40 ms for a delayed ACK.
+        self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        config = uvicorn.Config(
+            HttpApp(server),
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            # API processes keep pooled connections open between bursts.
+            timeout_keep_alive=60,
+            backlog=2048,
+        )
+        self.uvicorn = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def run(self) -> None:
+        self.uvicorn.run(sockets=[self.sock])
+
+    def start(self) -> HttpServer:
+        self._thread = threading.Thread(target=self.run, name="model-http", daemon=True)
+        self._thread.start()
+        while not self.uvicorn.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the model server's HTTP listener failed to start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.sock.close()
