@@ -19,6 +19,7 @@ import math
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,13 +45,18 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, relationship
 
 from abrec.db import Base
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+# Same alphabet as the arms' aliases in experiments/service.py; ':' and '@' are the separators.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Popular items kept in the database for the API's fallback (the checkpoint may list more).
 POPULAR_KEEP = 200
 
 
 class RegistryError(ValueError):
     """A registration, lookup or alias move that cannot be done; the message says why."""
+
+
+class NotFound(RegistryError):
+    """No such version or alias."""
 
 
 class UTCDateTime(TypeDecorator):
@@ -193,7 +199,7 @@ for _table in (ModelVersion, ModelAliasHistory):
 def parse_alias(ref: str) -> tuple[str, str]:
     name, sep, alias = ref.partition("@")
     if not sep or not NAME_RE.match(name) or not NAME_RE.match(alias):
-        raise RegistryError(f"{ref!r} is not an alias of the form name@alias (lowercase, e.g. tron@champion)")
+        raise RegistryError(f"{ref!r} is not an alias of the form name@alias (e.g. tron@champion)")
     return name, alias
 
 
@@ -209,7 +215,7 @@ def get_version(session: Session, ref: str) -> ModelVersion:
     query = select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == number)
     row = session.scalar(query)
     if row is None:
-        raise RegistryError(f"no model version {ref}")
+        raise NotFound(f"no model version {ref}")
     return row
 
 
@@ -220,7 +226,7 @@ def resolve(session: Session, ref: str) -> ModelVersion:
     name, alias = parse_alias(ref)
     row = session.scalar(select(ModelAlias).where(ModelAlias.name == name, ModelAlias.alias == alias))
     if row is None:
-        raise RegistryError(f"no alias {ref}")
+        raise NotFound(f"no alias {ref}")
     return row.version
 
 
@@ -406,6 +412,37 @@ def validate_checkpoint(path: str | Path, *, smoke_sessions: int = 8, seed: int 
     )
 
 
+def validate_in_subprocess(path: str | Path, timeout_s: float = 300) -> CheckpointInfo:
+    """`validate_checkpoint` in a child Python, for torch-free callers (API processes)."""
+    import json
+    import subprocess
+    import sys
+
+    code = "import sys; from abrec.models.registry import _validate_main; _validate_main(sys.argv[1])"
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise RegistryError(f"checkpoint refused: validation took longer than {timeout_s:.0f}s") from None
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise RegistryError(lines[-1] if lines else f"validation failed (exit {done.returncode})")
+    return CheckpointInfo(**json.loads(done.stdout))
+
+
+def _validate_main(path: str) -> None:
+    import dataclasses
+    import json
+    import sys
+
+    try:
+        info = validate_checkpoint(path)
+    except RegistryError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(dataclasses.asdict(info)))
+
+
 def artifact_key(name: str, version: int, sha256: str) -> str:
     return f"{name}/{version}-{sha256}.safetensors"
 
@@ -418,15 +455,17 @@ def register_model(
     *,
     actor: str,
     description: str = "",
+    validate: Callable[[Path], CheckpointInfo] = validate_checkpoint,
 ) -> ModelVersion:
     """Validate `path`, copy it into `store` and commit it as the next version of `name`.
 
     Registration is its own transaction (it commits): the artifact and the row appear together,
     and on any failure neither is left behind. Registering content that `name` already has is
     refused (versions are immutable, so a second copy would only be a confusing alias).
+    Torch-free callers (API processes) pass `validate=validate_in_subprocess`.
     """
     if not NAME_RE.match(name):
-        raise RegistryError(f"model name {name!r} must be lowercase letters, digits, '-' or '_'")
+        raise RegistryError(f"model name {name!r} must be letters, digits, '.', '-' or '_'")
     path = Path(path)
     if not path.is_file():
         raise RegistryError(f"checkpoint refused: {path} is not a file")
@@ -439,7 +478,7 @@ def register_model(
         same = session.scalar(query)
         if same is not None:
             raise RegistryError(f"this checkpoint is already registered as {same.label}")
-        info = validate_checkpoint(local)
+        info = validate(local)
         latest = session.scalar(select(ModelVersion.version).where(ModelVersion.name == name).order_by(
             ModelVersion.version.desc()).limit(1))
         number = (latest or 0) + 1

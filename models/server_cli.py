@@ -1,0 +1,72 @@
+"""`abrec model-server`: run the shared model server (one process per device) over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "model-server",
+        help="serve every active model arm from one process (dynamic batching, hot swap)",
+        description="Serve registry models over HTTP. Serves the aliases named with --aliases plus, "
+        "unless --no-discover, every alias bound to an arm that serves traffic (running experiments, "
+        "the control of paused/stopped ones, the shipped arm), and follows alias moves.",
+    )
+    p.add_argument("--db", help="database URL (default: ABREC_DATABASE_URL or sqlite:///abrec.db)")
+    p.add_argument("--store", help="artifact store: directory or fsspec URL (default: ABREC_REGISTRY_STORE)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8601)
+    p.add_argument("--aliases", default="", help="comma-separated refs: tron@champion,sasrec:2")
+    p.add_argument("--no-discover", action="store_true", help="serve only --aliases, not experiments' arms")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch of one forward pass")
+    p.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    p.add_argument("--poll-s", type=float, default=1.0, help="seconds between alias checks")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from abrec.models.registry import RegistryError
+    from abrec.models.server import HttpServer, ModelServer
+    from abrec.models.store import open_store
+
+    from abrec.cli import UsageError
+    from abrec.config import get_settings
+    from abrec.db import init_db, make_engine, session_factory
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = get_settings()
+    aliases = [a.strip() for a in args.aliases.split(",") if a.strip()]
+    if args.no_discover and not aliases:
+        raise UsageError("--no-discover needs --aliases: there would be nothing to serve")
+    if args.max_batch < 1 or args.max_delay_ms < 0 or args.poll_s <= 0:
+        raise UsageError("--max-batch must be >= 1, --max-delay-ms >= 0 and --poll-s > 0")
+    engine = make_engine(args.db or settings.database_url)
+    init_db(engine)
+    try:
+        server = ModelServer(
+            session_factory(engine),
+            open_store(args.store or settings.registry_store),
+            aliases=aliases,
+            discover=not args.no_discover,
+            device=args.device,
+            max_batch=args.max_batch,
+            max_delay_s=args.max_delay_ms / 1000,
+            poll_s=args.poll_s,
+        )
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        http = HttpServer(server, args.host, args.port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    server.start()
+    logging.getLogger("abrec.model_server").info("listening on %s (device %s)", http.url, server.device)
+    try:
+        http.run()  # until SIGINT/SIGTERM
+    finally:
+        server.close()
+    return 0
