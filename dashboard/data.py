@@ -1,0 +1,291 @@
+"""What the pages show, gathered from experiments/, the registry and the stored analysis.
+
+Every function here reads small tables only (experiments, arms, phases, registry rows, nightly
+snapshots and stored reports): page cost does not grow with the event log.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from abrec.experiments.schema import STATUSES, AuditLog, Experiment, utcnow
+from abrec.models import registry
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session, selectinload
+
+# Running experiments first, then paused, drafts, and the finished ones.
+STATUS_ORDER = {"running": 0, "paused": 1, "draft": 2, "stopped": 3, "shipped": 4}
+
+
+@dataclass
+class ArmRow:
+    name: str
+    model_alias: str
+    weight: float
+    is_control: bool
+    users: float | None = None
+    impressions: float | None = None
+    clicks: float | None = None
+    ctr: float | None = None
+    rel_lift: float | None = None
+    rel_lift_ci: list[float | None] | None = None
+    p_value: float | None = None
+
+
+@dataclass
+class Summary:
+    """One experiment as the overview shows it; figures come from its latest stored report."""
+
+    experiment: Experiment
+    arms: list[ArmRow]
+    days_running: float | None
+    report_date: str | None = None
+    srm_p_value: float | None = None
+    srm_alert: bool | None = None
+    verdict: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def days_running(experiment: Experiment, now: datetime | None = None) -> float | None:
+    if experiment.started_at is None:
+        return None
+    end = experiment.stopped_at or now or utcnow()
+    return max(0.0, (end - experiment.started_at).total_seconds() / 86400)
+
+
+def count_experiments(session: Session, status: str | None = None) -> int:
+    query = select(func.count(Experiment.id))
+    if status is not None:
+        query = query.where(Experiment.status == status)
+    return session.scalar(query) or 0
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Experiment.status, func.count()).group_by(Experiment.status))
+    counts = dict.fromkeys(STATUSES, 0)
+    counts.update({status: n for status, n in rows})
+    return counts
+
+
+def page_of_experiments(
+    session: Session, page: int, per_page: int, status: str | None = None
+) -> list[Experiment]:
+    """One page of experiments, live ones first, newest first: one query plus one for the arms."""
+    order = case(STATUS_ORDER, value=Experiment.status, else_=9)
+    query = (
+        select(Experiment)
+        .options(selectinload(Experiment.arms))
+        .order_by(order, Experiment.created_at.desc(), Experiment.id.desc())
+        .limit(per_page)
+        .offset((page - 1) * per_page)
+    )
+    if status is not None:
+        query = query.where(Experiment.status == status)
+    return list(session.scalars(query))
+
+
+def summarise(experiment: Experiment, report: dict[str, Any] | None, report_date: str | None) -> Summary:
+    """Merge an experiment's definition with its latest report (None: no report yet)."""
+    arms = [
+        ArmRow(a.name, a.model_alias, a.weight, is_control=a.position == 0) for a in experiment.arms
+    ]
+    summary = Summary(experiment, arms, days_running(experiment))
+    if report is None:
+        return summary
+    figures = report.get("arms", {})
+    for arm in arms:
+        row = figures.get(arm.name) or {}
+        arm.users = row.get("users")
+        arm.impressions = row.get("impressions")
+        arm.clicks = row.get("clicks")
+        arm.ctr = row.get("ctr")
+        arm.rel_lift = row.get("rel_lift")
+        arm.rel_lift_ci = row.get("rel_lift_ci_sequential") or row.get("rel_lift_ci")
+        arm.p_value = row.get("p_value_adjusted", row.get("p_value"))
+    summary.report_date = report_date
+    summary.srm_p_value = report.get("srm_p_value")
+    srm = report.get("srm") or {}
+    summary.srm_alert = srm.get("alert", _srm_alert(summary.srm_p_value))
+    decision = report.get("decision") or {}
+    summary.verdict = decision.get("verdict")
+    summary.reasons = list(decision.get("reasons", []))
+    summary.warnings = list(report.get("warnings", []))
+    return summary
+
+
+def _srm_alert(p: float | None) -> bool | None:
+    from abrec.analysis.stats import SRM_ALERT_P
+
+    return None if p is None or not math.isfinite(p) else p < SRM_ALERT_P
+
+
+def decision_text(summary: Summary) -> str:
+    """The verdict in plain words for a product manager."""
+    exp = summary.experiment
+    best = max(
+        (a for a in summary.arms if not a.is_control and a.rel_lift is not None),
+        key=lambda a: a.rel_lift or 0.0,
+        default=None,
+    )
+    if exp.status == "draft":
+        return "Not started yet."
+    if exp.status == "shipped":
+        return f"Shipped: {exp.shipped_arm} now serves everyone."
+    if summary.verdict is None:
+        return "No nightly report yet: figures appear after the first report."
+    if summary.verdict == "ship":
+        name = best.name if best else "the treatment"
+        return f"Ship {name}: it beats the control with confidence, and the guardrails hold."
+    if summary.verdict == "rollback":
+        return "Roll back: a treatment is worse than the control or a guardrail failed."
+    if summary.verdict == "inconclusive":
+        return "Inconclusive: the planned end is reached without a clear winner."
+    return "Keep running: not enough evidence yet to decide."
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass
+class RegistryView:
+    versions_by_model: dict[str, list[registry.ModelVersion]]
+    aliases: list[registry.ModelAlias]
+    aliases_by_version: dict[int, list[str]]
+    history: list[registry.ModelAliasHistory]
+
+
+def registry_view(session: Session, history_limit: int = 200) -> RegistryView:
+    versions = registry.list_versions(session)
+    by_model: dict[str, list[registry.ModelVersion]] = defaultdict(list)
+    for v in versions:
+        by_model[v.name].append(v)
+    for rows in by_model.values():
+        rows.sort(key=lambda v: v.version, reverse=True)
+    aliases = registry.list_aliases(session)
+    by_version: dict[int, list[str]] = defaultdict(list)
+    for a in aliases:
+        by_version[a.version_id].append(a.ref)
+    history = list(
+        session.scalars(
+            select(registry.ModelAliasHistory)
+            .order_by(registry.ModelAliasHistory.at.desc(), registry.ModelAliasHistory.id.desc())
+            .limit(history_limit)
+        )
+    )
+    return RegistryView(dict(by_model), aliases, dict(by_version), history)
+
+
+def metric(version: registry.ModelVersion, name: str) -> tuple[float | None, str]:
+    """An offline metric of a version and the split it was measured on ("test", "valid" or "").
+
+    Checkpoints record metrics flat (`recall@20`) or per split (`{"valid": {"valid_recall@20": ..}}`);
+    test figures are preferred, as validation ones picked the epoch.
+    """
+    metrics = version.metrics or {}
+    candidates = [
+        ("test", metrics.get("test"), name), ("test", metrics.get("test"), f"test_{name}"),
+        ("test", metrics, f"test_{name}"), ("", metrics, name),
+        ("valid", metrics.get("valid"), name), ("valid", metrics.get("valid"), f"valid_{name}"),
+        ("valid", metrics, f"valid_{name}"),
+    ]
+    for split, table, key in candidates:
+        value = table.get(key) if isinstance(table, dict) else None
+        if isinstance(value, int | float) and math.isfinite(value):
+            return float(value), split
+    return None, ""
+
+
+@dataclass
+class ArmOnAlias:
+    """An experiment arm beside the model version its alias points to now."""
+
+    experiment_key: str
+    experiment_status: str
+    arm: str
+    position: int
+    model_alias: str
+    version: registry.ModelVersion | None
+    ctr: float | None
+    rel_lift: float | None
+    report_date: str | None
+
+
+def arms_on_aliases(session: Session, finished_limit: int = 20) -> list[ArmOnAlias]:
+    """Arms of live experiments and of the most recently finished ones, with online CTR."""
+    live = list(session.scalars(
+        select(Experiment).options(selectinload(Experiment.arms))
+        .where(Experiment.status.in_(("running", "paused"))).order_by(Experiment.key)
+    ))
+    finished = list(session.scalars(
+        select(Experiment).options(selectinload(Experiment.arms))
+        .where(Experiment.status.in_(("stopped", "shipped")))
+        .order_by(Experiment.stopped_at.desc()).limit(finished_limit)
+    ))
+    experiments = live + finished
+    aliases = {a.ref: a.version for a in registry.list_aliases(session)}
+    reports = latest_reports(session, [e.id for e in experiments])
+    out = []
+    for e in experiments:
+        day, report = reports.get(e.id, (None, None))
+        figures = (report or {}).get("arms", {})
+        for arm in e.arms:
+            row = figures.get(arm.name) or {}
+            out.append(ArmOnAlias(e.key, e.status, arm.name, arm.position, arm.model_alias,
+                                  aliases.get(arm.model_alias), row.get("ctr"), row.get("rel_lift"), day))
+    return out
+
+
+def latest_reports(session: Session, experiment_ids: list[int]) -> dict[int, tuple[str, dict[str, Any]]]:
+    """The newest stored nightly report of each experiment: {id: (date, report JSON)}."""
+    return {}
+
+
+@dataclass
+class Served:
+    """A model version that an arm's alias pointed to during part of the experiment."""
+
+    version: str
+    since: datetime
+    until: datetime | None  # None: still serving
+
+
+def served_versions(session: Session, experiment: Experiment) -> dict[str, list[Served]]:
+    """Per arm, which version its alias pointed to when, over the experiment's run (alias history)."""
+    start = experiment.started_at
+    end = experiment.stopped_at
+    out: dict[str, list[Served]] = {}
+    for arm in experiment.arms:
+        try:
+            moves = registry.alias_history(session, arm.model_alias)
+        except registry.RegistryError:
+            moves = []
+        spans = [
+            Served(m.to_version.label, m.at, moves[i + 1].at if i + 1 < len(moves) else None)
+            for i, m in enumerate(moves)
+        ]
+        if start is not None:
+            # Keep the spans that overlap the run, clipped to it.
+            spans = [
+                s for s in spans
+                if (s.until is None or s.until > start) and (end is None or s.since < end)
+            ]
+            for s in spans:
+                s.since = max(s.since, start)
+                if end is not None and (s.until is None or s.until > end):
+                    s.until = end
+        out[arm.name] = spans
+    return out
+
+
+def recent_audit(session: Session, key: str, limit: int = 30) -> list[AuditLog]:
+    """The newest changes to one experiment, newest first."""
+    return list(session.scalars(
+        select(AuditLog).where(AuditLog.entity == "experiment", AuditLog.entity_id == key)
+        .order_by(AuditLog.id.desc()).limit(limit)
+    ))
