@@ -71,3 +71,37 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"{SHARED_DATA} is not present")
     return SHARED_DATA
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path):
+    """Factory of small random `tron` checkpoints (d=16, one layer), fast enough for any test.
+
+    make_checkpoint(seed=0, n_items=60, name="c0") -> Path of a .safetensors file whose item ids
+    are "i0".."i{n-1}" and whose popular items are i0, i1, i2 ...
+    """
+
+    def make(seed: int = 0, n_items: int = 60, name: str | None = None, **overrides) -> Path:
+        import torch
+        from abrec.models.checkpoint import save_checkpoint
+        from abrec.models.data import ItemMap
+        from abrec.models.presets import build_model, resolve_config
+
+        torch.manual_seed(seed)
+        small = {"hidden": 16, "layers": 1, "max_len": 10, "dropout": 0.0}
+        config = resolve_config("tron", small | overrides)
+        model = build_model("tron", config, n_items)
+        path = tmp_path / "checkpoints" / f"{name or f'c{seed}'}.safetensors"
+        save_checkpoint(
+            path,
+            model,
+            kind="tron",
+            config=config,
+            item_map=ItemMap([f"i{j}" for j in range(n_items)]),
+            metrics={"recall@20": 0.5, "mrr@20": 0.2},
+            popular=list(range(1, min(n_items, 30) + 1)),
+            data_fingerprint=f"synthetic-{seed}",
+        )
+        return path
+
+    return make
