@@ -1,0 +1,66 @@
+"""Scoring sessions with a trained model: one forward pass for a whole batch of sessions.
+
+Sessions are lists of internal ids. Each is truncated to the model's `max_len` most recent
+clicks and left-padded to the batch's longest, so the newest click of every session sits in the
+last column; the hidden state there scores every item as the next click.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def pad_left(sessions: list[list[int]], max_len: int, device: torch.device | str = "cpu"
+             ) -> tuple[Tensor, Tensor]:
+    """-> (items [B, L] long, mask [B, L] bool), L = longest truncated session (at least 1)."""
+    cut = [s[-max_len:] if max_len else [] for s in sessions]
+    length = max(1, max((len(s) for s in cut), default=1))
+    items = torch.zeros(len(cut), length, dtype=torch.long)
+    for row, s in enumerate(cut):
+        if s:
+            items[row, length - len(s):] = torch.as_tensor(s, dtype=torch.long)
+    items = items.to(device)
+    return items, items != 0
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def hidden_last(model: nn.Module, sessions: list[list[int]]) -> Tensor:
+    """[B, d] hidden state after each session's newest click."""
+    items, mask = pad_left(sessions, model.max_len, _device(model))
+    return model(items, mask)[:, -1]
+
+
+def score_batch(model: nn.Module, sessions: list[list[int]]) -> Tensor:
+    """Scores [B, N+1] of every item as the next click after each session; column 0 is -inf.
+
+    The model must be in eval mode (as `load_checkpoint` returns it). Empty sessions are allowed
+    (they get the model's scores for a session of padding only; a server may prefer the
+    checkpoint's `popular` list for them).
+    """
+    with torch.inference_mode():
+        if not sessions:
+            return torch.empty(0, model.num_items + 1)
+        scores = hidden_last(model, sessions) @ model.output_weight().T
+        scores[:, 0] = float("-inf")
+        return scores
+
+
+def topk_batch(model: nn.Module, sessions: list[list[int]], k: int, exclude_seen: bool = False
+               ) -> tuple[Tensor, Tensor]:
+    """The k best next items per session -> (ids [B, k] long, scores [B, k]), best first.
+
+    With exclude_seen, items already in the session are never recommended.
+    """
+    with torch.inference_mode():
+        scores = score_batch(model, sessions)
+        if exclude_seen and sessions:
+            # Every click of the session, not only the max_len newest; padding hits column 0.
+            seen, _ = pad_left(sessions, max(len(s) for s in sessions), scores.device)
+            scores.scatter_(1, seen, float("-inf"))
+        k = min(k, model.num_items)
+        top = torch.topk(scores, k, dim=1)
+        return top.indices, top.values
