@@ -69,15 +69,15 @@ class MoveAliasForm(FlaskForm):
 class NewUserForm(FlaskForm):
     username = StringField("Username", validators=[DataRequired(), Length(max=64)])
     password = PasswordField("Password (8+ characters)", validators=[DataRequired(), Length(max=256)])
-    role = SelectField("Role", choices=[(r, r) for r in ROLES], default="viewer")
+    role = SelectField("Role", choices=list(ROLES), default="viewer")
 
 
 def _actor() -> str:
     return g.user.username
 
 
-def _alias_choices() -> list[tuple[str, str]]:
-    return [(a.ref, f"{a.ref} → {a.version.label}") for a in registry.list_aliases(db())]
+def _alias_choices() -> list[str]:
+    return [a.ref for a in registry.list_aliases(db())]
 
 
 def _commit_or_flash(change, success: str) -> bool:
@@ -186,7 +186,7 @@ def change_weights(key: str) -> Any:
 def move_alias() -> Any:
     session = db()
     form = MoveAliasForm(alias=request.args.get("alias"))
-    form.version.choices = [(v.label, v.label) for v in reversed(registry.list_versions(session))]
+    form.version.choices = [v.label for v in reversed(registry.list_versions(session))]
     live: list[str] = []
     if form.validate_on_submit():
         try:
