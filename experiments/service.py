@@ -267,7 +267,8 @@ def get_experiment(session: Session, key: str, *, lock: bool = False) -> Experim
     """The experiment with this key; `lock` takes a row lock for a change. Raises ExperimentNotFound."""
     query = select(Experiment).where(Experiment.key == key)
     if lock:
-        query = query.with_for_update()
+        # populate_existing: an object already in the session must show the row as locked, not a stale copy.
+        query = query.with_for_update().execution_options(populate_existing=True)
     experiment = session.scalars(query).one_or_none()
     if experiment is None:
         raise ExperimentNotFound(f"no experiment with key {key!r}")
@@ -464,7 +465,7 @@ def _require(experiment: Experiment, allowed: Sequence[str], action: str) -> Non
 
 
 def _new_seed(experiment: Experiment) -> str:
-    return f"{experiment.key}-{secrets.token_hex(4)}"
+    return f"{experiment.key[:90]}-{secrets.token_hex(4)}"  # fits the 100-character seed column
 
 
 def _open_phase(session: Session, experiment: Experiment, reason: str, seed: str) -> Phase:

@@ -441,3 +441,65 @@ def test_snapshot_is_frozen_plain_data(sqlite_factory):
         snap.status = "stopped"
     assert [a.name for a in snap.arms] == ["control", "treatment"] and snap.control.position == 0
     assert hash(decide(snap, "u")) == hash(decide(snap, "u"))
+
+
+def test_longest_key_fits_a_reseeded_phase(factory):
+    key = "k" * 100
+    make(factory, key=key, status="running")
+    with session_scope(factory) as s:
+        phase = change_weights(s, key, {"control": 1, "treatment": 2}, "alice")
+        assert len(phase.seed) <= 100 and phase.seed != key
+
+
+def test_concurrent_changes_serialise_on_the_row_lock(pg_url):
+    """Two admins change one experiment at once on PostgreSQL: the second waits for the first's
+    row lock, then builds on its result (phase 3), instead of colliding on phase 2."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    engine = make_engine(pg_url)
+    init_db(engine)
+    factory = session_factory(engine)
+    make(factory, status="running")
+    errors: list[BaseException] = []
+
+    def second_admin() -> None:
+        try:
+            with session_scope(factory) as s:
+                change_coverage(s, "home", 0.6, "bob")
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    first = factory()
+    change_coverage(first, "home", 0.3, "alice")  # holds the lock, not committed yet
+    thread = threading.Thread(target=second_admin)
+    thread.start()
+    deadline = time.monotonic() + 20
+
+    def second_is_waiting() -> bool:
+        # A fresh transaction per look: pg_stat_activity is a snapshot within one transaction.
+        with engine.connect() as watcher:
+            return bool(
+                watcher.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                )
+            )
+
+    while thread.is_alive() and not second_is_waiting():
+        assert time.monotonic() < deadline, "the second change never waited for the first"
+        time.sleep(0.05)
+    first.commit()
+    first.close()
+    thread.join(timeout=30)
+    assert errors == []
+    with session_scope(factory) as s:
+        exp = get_experiment(s, "home")
+        assert [(p.number, p.coverage) for p in exp.phases] == [(1, 1.0), (2, 0.3), (3, 0.6)]
+        assert exp.coverage == 0.6
+        assert [r.details["old"] for r in audit.history(s, "experiment", "home")[-2:]] == [1.0, 0.3]
+    engine.dispose()
