@@ -25,6 +25,11 @@ class Settings:
     registry_store: Path = field(default_factory=lambda: Path(_env("REGISTRY_STORE", "abrec-registry")))
     # Attribution window of a click after its impression (seconds).
     attribution_window_s: int = field(default_factory=lambda: int(_env("ATTRIBUTION_WINDOW_S", "1800")))
+    # API: how long a cached experiment definition serves before it is re-read (seconds).
+    snapshot_ttl_s: float = field(default_factory=lambda: float(_env("SNAPSHOT_TTL_S", "1.0")))
+    # API event log (group commit): longest wait for more rows, and most rows, per transaction.
+    eventlog_max_wait_ms: float = field(default_factory=lambda: float(_env("EVENTLOG_MAX_WAIT_MS", "2")))
+    eventlog_max_rows: int = field(default_factory=lambda: int(_env("EVENTLOG_MAX_ROWS", "500")))
 
 
 def get_settings() -> Settings:
