@@ -41,9 +41,11 @@ def users_needed(
     baseline: the control arm's sufficient statistics (from a previous experiment or the first
     days of this one); its per-user variance and CTR are taken as the truth. Each treatment arm
     is compared with the control, arms share traffic equally and N* of the sequential test is
-    the planned total `arms * users_per_arm`. The relative lift's variance under the alternative
-    is (sigma² / ctr²) (1 + (1 + mde)²) / n, the delta-method variance with the treatment
-    variance scaled with its mean.
+    the planned total `arms * users_per_arm`. The relative lift's delta-method variance under
+    the alternative is (sigma_t² + (1 + mde)² sigma²) / (ctr² n), with the treatment's per-user
+    variance sigma_t² = (1 + mde) sigma², proportional to its CTR as for overdispersed counts
+    (the part of the variance from users' differing propensities grows with the square of the
+    lift, the binomial part linearly).
     """
     if not mde > 0:
         raise ValueError("mde must be a positive relative lift, e.g. 0.05")
@@ -60,7 +62,7 @@ def users_needed(
         critical = float(sequential.multiplier(2.0, float(arms), alpha))
     else:
         critical = float(stats.norm.ppf(1 - alpha / 2))
-    unit_var = sigma2 / ctr**2 * (1 + (1 + mde) ** 2)
+    unit_var = sigma2 / ctr**2 * ((1 + mde) + (1 + mde) ** 2)
     per_arm = math.ceil((critical + stats.norm.ppf(power)) ** 2 * unit_var / mde**2)
     total = per_arm * arms
     return PowerResult(

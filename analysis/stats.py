@@ -149,7 +149,7 @@ class _Cuped:
 
 
 def _cuped_moments(s: ArmStats) -> _Cuped:
-    r, rp = s.ctr, np.divide(s.sum_px, s.sum_py)
+    r, rp = s.ctr, s.sum_px / s.sum_py
     mean_y, mean_py = s.sum_y / s.n, s.sum_py / s.n
 
     def cov(a: str, b: str) -> Number:
@@ -175,6 +175,8 @@ def _cuped_moments(s: ArmStats) -> _Cuped:
 @dataclass(frozen=True)
 class Comparison:
     """Treatment versus control on CTR. Lifts: absolute = ctr_t - ctr_c, relative = ctr_t / ctr_c - 1.
+
+    control_ctr and treatment_ctr are the observed CTRs; with `cuped` the lifts are adjusted.
 
     `p_value` belongs to the relative lift, `abs_p_value` to the absolute one. The sequential
     intervals and `p_value_sequential` (relative lift) are always valid under daily looks; with
@@ -212,25 +214,31 @@ def _two_sided_p(estimate: Number, variance: Number) -> Number:
 
 
 def fieller_interval(
-    mean_t: Number, var_t: Number, mean_c: Number, var_c: Number, multiplier: Number = 1.959963984540054
+    num: Number,
+    var_num: Number,
+    den: Number,
+    var_den: Number,
+    cov: Number = 0.0,
+    multiplier: Number = 1.959963984540054,
 ) -> tuple[Number, Number]:
-    """Fieller's interval for mean_t / mean_c - 1 with independent, normal mean_t and mean_c.
+    """Fieller's interval for the ratio num / den of two jointly normal estimates.
 
-    It is the set of r with |mean_t - (1 + r) mean_c| <= multiplier sqrt(var_t + (1 + r)² var_c)
+    It is the set of r with |num - r den| <= multiplier sqrt(var_num - 2 r cov + r² var_den)
     (multiplier = z for a fixed-horizon interval, the sequential multiplier for an always-valid
-    one), so it excludes 0 exactly when the absolute-lift test rejects. When the control mean is
-    not clearly away from 0 the set is unbounded and (-inf, inf) is returned.
+    one). For the relative lift num = the absolute lift and den = the control CTR, so the
+    interval excludes 0 exactly when the absolute-lift test rejects. When the denominator is not
+    clearly away from 0 the set is unbounded and (-inf, inf) is returned.
     """
     m2 = np.square(multiplier)
-    a = mean_c * mean_c - m2 * var_c
-    b = mean_t * mean_c
-    c = mean_t * mean_t - m2 * var_t
+    a = den * den - m2 * var_den
+    b = num * den - m2 * cov
+    c = num * num - m2 * var_num
     disc = b * b - a * c
     bounded = (a > 0) & (disc >= 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         root = np.sqrt(np.where(bounded, disc, 0.0))
-        lo = np.where(bounded, (b - root) / a - 1, -np.inf)
-        hi = np.where(bounded, (b + root) / a - 1, np.inf)
+        lo = np.where(bounded, (b - root) / a, -np.inf)
+        hi = np.where(bounded, (b + root) / a, np.inf)
     if np.ndim(lo) == 0:
         return float(lo), float(hi)
     return lo, hi
@@ -255,8 +263,9 @@ def compare(
 
     sequential_tuning: N* of the confidence sequence, the planned total users of the experiment
     (both arms); None uses the users seen so far, i.e. treats this look as the final one.
-    cuped: adjust with the pre-period ratio (ratio-metric CUPED, one theta shared by both arms
-    that minimises the variance of the difference); needs pre-period sums in both arms.
+    cuped: adjust with the pre-period CTR (ratio-metric CUPED: the absolute lift minus theta times
+    the pre-period CTR difference, one theta for both arms that minimises the variance; the
+    relative lift divides that by the control CTR); needs pre-period sums in both arms.
     fieller: also compute Fieller's interval for the relative lift.
     """
     z = stats.norm.ppf(1 - alpha / 2)
@@ -272,20 +281,24 @@ def compare(
         theta = (mc.cov_uv / control.n + mt.cov_uv / treatment.n) / (
             mc.var_v / control.n + mt.var_v / treatment.n
         )
-        # Centring on the pooled pre-period CTR keeps each arm's adjusted CTR on the CTR scale,
-        # so that the relative lift stays interpretable; it cancels in the absolute lift.
-        pooled_pre = (control.sum_px + treatment.sum_px) / (control.sum_py + treatment.sum_py)
-        mean_c = mean_c - theta * (mc.pre_ctr - pooled_pre)
-        mean_t = mean_t - theta * (mt.pre_ctr - pooled_pre)
-        var_c = (mc.var_u - 2 * theta * mc.cov_uv + theta * theta * mc.var_v) / control.n
-        var_t = (mt.var_u - 2 * theta * mt.cov_uv + theta * theta * mt.var_v) / treatment.n
-
-    abs_lift = mean_t - mean_c
-    abs_var = var_t + var_c
+        abs_lift = mean_t - mean_c - theta * (mt.pre_ctr - mc.pre_ctr)
+        abs_var = (mt.var_u - 2 * theta * mt.cov_uv + theta**2 * mt.var_v) / treatment.n + (
+            mc.var_u - 2 * theta * mc.cov_uv + theta**2 * mc.var_v
+        ) / control.n
+        cov_lift_c = -var_c + theta * mc.cov_uv / control.n
+    else:
+        abs_lift = mean_t - mean_c
+        abs_var = var_t + var_c
+        cov_lift_c = -var_c
+    # Relative lift = absolute lift / control CTR, by the delta method on that pair; without
+    # CUPED this is the familiar var_t / ctr_c² + ctr_t² var_c / ctr_c⁴.
     with np.errstate(divide="ignore", invalid="ignore"):
-        rel_lift = mean_t / mean_c - 1
-        rel_var = var_t / mean_c**2 + mean_t**2 * var_c / mean_c**4
+        rel_lift = abs_lift / mean_c
+        rel_var = (
+            abs_var / mean_c**2 + abs_lift**2 * var_c / mean_c**4 - 2 * abs_lift * cov_lift_c / mean_c**3
+        )
     abs_se, rel_se = np.sqrt(abs_var), np.sqrt(rel_var)
+    ratio = (abs_lift, abs_var, mean_c, var_c, cov_lift_c)
     return Comparison(
         control_ctr=mean_c,
         treatment_ctr=mean_t,
@@ -300,9 +313,9 @@ def compare(
         p_value=_two_sided_p(rel_lift, rel_var),
         rel_lift_ci_sequential=sequential.interval(rel_lift, rel_var, n_total, tuning, alpha),
         p_value_sequential=sequential.p_value(rel_lift, rel_var, n_total, tuning, alpha),
-        rel_lift_ci_fieller=fieller_interval(mean_t, var_t, mean_c, var_c, z) if fieller else None,
+        rel_lift_ci_fieller=fieller_interval(*ratio, multiplier=z) if fieller else None,
         rel_lift_ci_sequential_fieller=(
-            fieller_interval(mean_t, var_t, mean_c, var_c, sequential.multiplier(n_total, tuning, alpha))
+            fieller_interval(*ratio, multiplier=sequential.multiplier(n_total, tuning, alpha))
             if fieller
             else None
         ),

@@ -20,9 +20,9 @@ from abrec.analysis.stats import ArmStats
 
 @dataclass(frozen=True)
 class Population:
-    ctr: float = 0.05  # mean click probability, also the true CTR
+    ctr: float = 0.1  # mean click probability, also the true CTR
     concentration: float = 4.0  # Beta a + b; smaller = clicks cluster more strongly by user
-    activity_mean: float = 3.0  # mean impressions per user beyond the first (exposure) one
+    activity_mean: float = 6.0  # mean impressions per user beyond the first (exposure) one
     activity_shape: float = 1.0  # gamma shape of user activity: 1 = exponential, smaller = heavier tail
     pre_activity: float = 1.0  # pre-period impression rate relative to the experiment period
 

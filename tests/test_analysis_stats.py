@@ -120,7 +120,8 @@ def test_relative_lift_matches_its_hand_computed_delta_method() -> None:
 
 def test_fieller_interval_is_the_set_its_definition_describes() -> None:
     mt, vt, mc, vc = 0.055, 0.002**2, 0.05, 0.0018**2
-    lo, hi = fieller_interval(mt, vt, mc, vc)
+    # relative lift = (mt - mc) / mc; Var(mt - mc) = vt + vc, Cov(mt - mc, mc) = -vc
+    lo, hi = fieller_interval(mt - mc, vt + vc, mc, vc, -vc)
 
     def inside(r: np.ndarray) -> np.ndarray:
         return np.abs(mt - (1 + r) * mc) <= Z95 * np.sqrt(vt + (1 + r) ** 2 * vc)
@@ -137,7 +138,8 @@ def test_fieller_converges_to_the_delta_method_and_is_unbounded_near_a_zero_cont
     mt, mc = 0.055, 0.05
     vt, vc = 1e-5**2, 1e-5**2
     se = math.sqrt(vt / mc**2 + mt**2 * vc / mc**4)
-    assert fieller_interval(mt, vt, mc, vc) == pytest.approx((0.1 - Z95 * se, 0.1 + Z95 * se), rel=1e-4)
+    delta_ci = (0.1 - Z95 * se, 0.1 + Z95 * se)
+    assert fieller_interval(mt - mc, vt + vc, mc, vc, -vc) == pytest.approx(delta_ci, rel=1e-4)
     assert fieller_interval(0.01, 0.001, 0.001, 0.01) == (-math.inf, math.inf)
 
 
@@ -313,7 +315,7 @@ def test_power_reduces_to_the_textbook_formula_for_one_impression_per_user() -> 
     base = ArmStats(n=n, sum_x=p * n, sum_y=n, sum_x2=p * n, sum_y2=n, sum_xy=p * n)
     fixed = users_needed(base, mde, sequential_test=False, daily_users=10_000)
     sigma2 = p * (1 - p) * n / (n - 1)
-    expected = (Z95 + sps.norm.ppf(0.8)) ** 2 * sigma2 / p**2 * (1 + (1 + mde) ** 2) / mde**2
+    expected = (Z95 + sps.norm.ppf(0.8)) ** 2 * sigma2 / p**2 * (1.1 + 1.1**2) / mde**2
     assert fixed.users_per_arm == math.ceil(expected)
     assert fixed.days == pytest.approx(2 * fixed.users_per_arm / 10_000)
     seq = users_needed(base, mde)
