@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import signal
+    import sys
 
     from abrec.models.registry import RegistryError
     from abrec.models.server import HttpServer, ModelServer
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         http = HttpServer(server, args.host, args.port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises it: make that a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.start()
     logging.getLogger("abrec.model_server").info("listening on %s (device %s)", http.url, server.device)
     try:

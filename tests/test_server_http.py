@@ -1,0 +1,227 @@
+"""The model server over HTTP: protocol, bad input, fallbacks for the client, arm discovery, the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from abrec.experiments import service
+from abrec.models import registry
+from abrec.models import server as server_module
+from abrec.models.client import HttpModelClient, InProcessModelClient, ModelUnavailable, Recommendation
+from abrec.models.server import HttpServer, ModelServer
+from abrec.models.store import DirectoryStore
+
+from abrec.cli import main
+from abrec.db import init_db, make_engine, session_factory
+
+
+def _registry(url: str, root: Path, make_checkpoint):
+    engine = make_engine(url)
+    init_db(engine)
+    sessions = session_factory(engine)
+    store = DirectoryStore(root)
+    with sessions() as s:
+        registry.register_model(s, store, make_checkpoint(seed=1), "tron", actor="t")
+        registry.register_model(s, store, make_checkpoint(seed=2), "sasrec", actor="t")
+        registry.set_alias(s, "tron@champion", "tron:1", actor="t")
+        registry.set_alias(s, "sasrec@champion", "sasrec:1", actor="t")
+        s.commit()
+    return engine, sessions, store
+
+
+@pytest.fixture
+def live(sqlite_url: str, tmp_path: Path, make_checkpoint):
+    engine, sessions, store = _registry(sqlite_url, tmp_path / "store", make_checkpoint)
+    server = ModelServer(sessions, store, aliases=["tron@champion"], discover=False, poll_s=60).start()
+    http = HttpServer(server, port=0).start()
+    assert server.wait_ready(30)
+    yield server, http
+    http.stop()
+    server.close()
+    engine.dispose()
+
+
+def test_recommend_over_http(live) -> None:
+    server, http = live
+    client = HttpModelClient(http.url)
+    assert client.ready()
+    rec = client.recommend("tron@champion", ["i3", "i4", "unknown-id"], 7, exclude_seen=True, deadline_s=5)
+    direct = server.recommend("tron@champion", ["i3", "i4", "unknown-id"], 7, exclude_seen=True)
+    assert rec == Recommendation(items=direct.items, version="tron:1", unknown_items=1)
+    assert len(rec.items) == 7 and not {"i3", "i4"} & set(rec.items)
+    # Integer ids are the shop's ids too.
+    raw = requests.post(f"{http.url}/v1/recommend", json={"model": "tron@champion", "items": [3], "k": 2})
+    assert raw.status_code == 200 and raw.json()["unknown"] == 1  # "3" is not an id of this shop
+    # The in-process client gives the same answer through the same interface.
+    assert InProcessModelClient(server).recommend("tron@champion", ["i3", "i4", "unknown-id"], 7,
+                                                  exclude_seen=True, deadline_s=5) == rec
+
+
+BAD_REQUESTS = [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'{"items": []}', 400, "'model'"),
+    (b'{"model": "tron@champion", "items": "i1"}', 400, "'items'"),
+    (b'{"model": "tron@champion", "items": [true]}', 400, "'items'"),
+    (b'{"model": "tron@champion", "items": [], "k": 0}', 400, "'k'"),
+    (b'{"model": "tron@champion", "items": [], "k": "5"}', 400, "'k'"),
+    (b'{"model": "tron@champion", "items": [], "exclude_seen": 1}', 400, "exclude_seen"),
+    (b'{"model": "tron@champion", "items": [], "extra": 1}', 400, "extra"),
+    (b'{"model": "tron@other", "items": []}', 404, "not served"),
+    (b'{"model": "tron@champion", "items": ["x"]}' + b" " * 300_000, 413, "larger"),
+]
+
+
+def test_bad_requests_get_4xx_naming_the_problem(live) -> None:
+    _, http = live
+    for body, status, needle in BAD_REQUESTS:
+        resp = requests.post(f"{http.url}/v1/recommend", data=body, headers={"Content-Type": "text/json"})
+        assert (resp.status_code, needle in resp.json()["error"]) == (status, True), body[:60]
+
+
+def test_too_many_items_and_wrong_methods(live) -> None:
+    _, http = live
+    body = {"model": "tron@champion", "items": ["i1"] * (server_module.MAX_ITEMS + 1)}
+    assert requests.post(f"{http.url}/v1/recommend", json=body).status_code == 400
+    assert requests.get(f"{http.url}/v1/recommend").status_code == 405
+    assert requests.post(f"{http.url}/readyz").status_code == 405
+    assert requests.get(f"{http.url}/nothing").status_code == 404
+
+
+def test_health_readiness_status_and_metrics(live) -> None:
+    _, http = live
+    assert requests.get(f"{http.url}/healthz").json() == {"status": "ok"}
+    ready = requests.get(f"{http.url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["models"] == {"tron@champion": {"ready": True, "version": "tron:1"}}
+    HttpModelClient(http.url).recommend("tron@champion", ["i1", "zz"], 3, deadline_s=5)
+    status = requests.get(f"{http.url}/status").json()
+    loaded = status["loaded"]["tron:1"]
+    # 61 item rows x 16 + 10 positions x 16 + one transformer block of width 16 + LayerNorms, fp32.
+    assert loaded["memory_bytes"] > 61 * 16 * 4 and loaded["items"] == 60 and status["device"] == "cpu"
+    metrics = requests.get(f"{http.url}/metrics").text
+    memory = float(loaded["memory_bytes"])
+    assert f'abrec_model_memory_bytes{{device="cpu",version="tron:1"}} {memory}' in metrics
+    assert 'abrec_model_requests_total{outcome="ok",version="tron:1"} 1.0' in metrics
+    assert 'abrec_model_unknown_items_total{version="tron:1"} 1.0' in metrics
+    assert "abrec_model_server_ready 1.0" in metrics
+
+
+def test_model_fault_makes_both_clients_raise_model_unavailable(live, monkeypatch) -> None:
+    server, http = live
+
+    def broken(model, sessions):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(server_module, "score_batch", broken)
+    with pytest.raises(ModelUnavailable, match="injected fault"):
+        HttpModelClient(http.url).recommend("tron@champion", ["i1"], 5, deadline_s=5)
+    with pytest.raises(ModelUnavailable, match="injected fault"):
+        InProcessModelClient(server).recommend("tron@champion", ["i1"], 5, deadline_s=5)
+    monkeypatch.undo()  # the batcher survived the fault
+    assert HttpModelClient(http.url).recommend("tron@champion", ["i1"], 5, deadline_s=5).version == "tron:1"
+    assert 'outcome="error"' in requests.get(f"{http.url}/metrics").text
+
+
+def test_slow_model_past_the_deadline_is_unavailable(live, monkeypatch) -> None:
+    server, http = live
+    real = server_module.score_batch
+
+    def slow(model, sessions):
+        time.sleep(0.5)
+        return real(model, sessions)
+
+    monkeypatch.setattr(server_module, "score_batch", slow)
+    with pytest.raises(ModelUnavailable, match="timed out"):
+        HttpModelClient(http.url).recommend("tron@champion", ["i1"], 5, deadline_s=0.05)
+    with pytest.raises(ModelUnavailable):
+        InProcessModelClient(server).recommend("tron@champion", ["i1"], 5, deadline_s=0.05)
+
+
+def test_stopped_server_is_unavailable(live) -> None:
+    server, http = live
+    client = HttpModelClient(http.url)
+    assert client.recommend("tron@champion", ["i1"], 5, deadline_s=5).version == "tron:1"
+    http.stop()
+    with pytest.raises(ModelUnavailable):
+        client.recommend("tron@champion", ["i1"], 5, deadline_s=0.05)
+    assert not client.ready()
+    # Nothing listens on a fresh port either: refused at once.
+    with pytest.raises(ModelUnavailable, match="refused|Failed to establish"):
+        HttpModelClient(f"http://127.0.0.1:{_free_port()}").recommend("tron@champion", [], 5)
+
+
+def test_server_discovers_the_aliases_of_serving_arms(db_url: str, tmp_path: Path, make_checkpoint) -> None:
+    engine, sessions, store = _registry(db_url, tmp_path / "store", make_checkpoint)
+    with sessions() as s:
+        for key in ("running-exp", "draft-exp"):
+            service.create_experiment(
+                s,
+                key=key,
+                arms=[
+                    service.ArmSpec("control", 1, "sasrec@champion"),
+                    service.ArmSpec("t", 1, "tron@champion"),
+                ],
+                actor="t",
+            )
+        registry.set_alias(s, "tron@draft-only", "tron:1", actor="t")
+        service.start(s, "running-exp", "t")
+        s.commit()
+    server = ModelServer(sessions, store, poll_s=60).start()
+    try:
+        assert server.wait_ready(30)
+        assert sorted(server.readiness()["models"]) == ["sasrec@champion", "tron@champion"]
+        with sessions() as s:  # paused: only the control arm still serves traffic
+            service.pause(s, "running-exp", "t")
+            s.commit()
+        server.refresh()
+        assert sorted(server.readiness()["models"]) == ["sasrec@champion"]
+        assert sorted(server.status()["loaded"]) == ["sasrec:1"]
+    finally:
+        server.close()
+        engine.dispose()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_model_server_command(sqlite_url: str, tmp_path: Path, make_checkpoint) -> None:
+    engine, _, store = _registry(sqlite_url, tmp_path / "store", make_checkpoint)
+    engine.dispose()
+    port = _free_port()
+    cmd = [sys.executable, "-m", "abrec.cli", "model-server", "--db", sqlite_url, "--store", str(store.root),
+           "--port", str(port), "--aliases", "tron@champion,sasrec:1", "--no-discover", "--max-batch", "8"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    try:
+        client = HttpModelClient(f"http://127.0.0.1:{port}")
+        end = time.monotonic() + 60
+        while not client.ready():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < end, "the model server did not become ready in 60 s"
+            time.sleep(0.1)
+        assert client.recommend("sasrec:1", ["i1"], 3, deadline_s=5).version == "sasrec:1"
+        assert client.recommend("tron@champion", ["i1"], 3, deadline_s=5).version == "tron:1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    assert f"listening on http://127.0.0.1:{port}" in output
+
+
+def test_model_server_command_usage_errors(capsys) -> None:
+    assert main(["model-server", "--no-discover"]) == 2
+    assert "--aliases" in capsys.readouterr().err
+    assert main(["model-server", "--aliases", "not an alias", "--db", "sqlite://"]) == 2
+    assert "not a version" in capsys.readouterr().err
