@@ -146,7 +146,7 @@ class ModelAlias(Base):
     updated_by: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    version: Mapped[ModelVersion] = relationship(lazy="joined")
+    version: Mapped[ModelVersion] = relationship(lazy="joined", innerjoin=True)
 
     @property
     def ref(self) -> str:
@@ -272,9 +272,9 @@ def set_alias(
     target = get_version(session, version_ref)
     if target.name != name:
         raise RegistryError(f"{alias_ref} can only point to a version of {name!r}, not {target.label}")
-    row = session.scalar(
-        select(ModelAlias).where(ModelAlias.name == name, ModelAlias.alias == alias).with_for_update()
-    )
+    # Lock the alias row (PostgreSQL) so two concurrent moves record a consistent from -> to chain.
+    query = select(ModelAlias).where(ModelAlias.name == name, ModelAlias.alias == alias)
+    row = session.scalar(query.with_for_update(of=ModelAlias))
     previous = row.version if row is not None else None
     if previous is not None and previous.id == target.id:
         return AliasMove(alias_ref, target.label, target.label, changed=False)
