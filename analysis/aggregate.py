@@ -1,0 +1,490 @@
+"""Aggregation of the event log inside the database: per user, then per arm, per calendar day.
+
+Raw impressions and clicks never enter Python: every query here is SQLAlchemy Core `select()`
+that runs unchanged on SQLite and PostgreSQL and returns at most one row per arm and day (or per
+user, streamed, for the export).
+
+Definitions, for one phase P of an experiment (phases are never pooled):
+- A unit is a user exposed in P (a row in `exposures`), in the arm of that exposure.
+- The user's metric events are the impressions and clicks of P with `in_analysis` true created
+  at or after their first exposure: x = clicks, y = impressions. Exposed users without events
+  count with zeros. Clicks in the log are already attributed (the API rejects late clicks and
+  the unique (impression_id, item_id) key drops repeats), so a click row counts once.
+- The pre-period (CUPED covariates px, py) is the user's events in this experiment before their
+  first exposure in P, from P or an earlier phase, except events analysed under the same
+  assignment (an earlier phase with P's seed, where users kept their arm): those carry the
+  treatment effect, and CUPED would subtract part of the lift with them.
+- Days are calendar days in the experiment's timezone. Their boundaries are computed here with
+  zoneinfo (so a day around a DST switch lasts 23 or 25 hours) and events are bucketed in SQL
+  by comparing `created_at` (UTC) with them.
+
+One pass over the phase's events yields the per-(user, day) counts (a temporary table); from
+them come, in small queries, the cumulative sufficient statistics of every day (a user's square
+terms grow by X_d² - X_{d-1}² on the days they have events, so summing increments per day and
+accumulating over days gives Σ X², without a row per user and day), the novelty view (counts on
+the k-th day since first exposure) and the daily serving health.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from itertools import accumulate
+from zoneinfo import ZoneInfo
+
+from abrec.analysis.stats import ArmStats
+from abrec.analysis.store import NOVELTY_FIELDS, STAT_FIELDS, Health
+from abrec.experiments.schema import Arm, Click, Experiment, Exposure, Impression, Phase
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    union_all,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+PRE_DAY = -1  # the day index of a user's pre-period row in the per-(user, day) table
+LATENCY_RESOLUTION_MS = 0.1  # serving latencies are bucketed at this width for the percentiles
+
+
+# ---------------------------------------------------------------------------------------------
+# Calendar days in the experiment's timezone
+
+
+def day_start(day: date, tz: str) -> datetime:
+    """The UTC instant at which local `day` begins in timezone `tz`."""
+    return datetime.combine(day, time(0), ZoneInfo(tz)).astimezone(UTC)
+
+
+def local_date(instant: datetime, tz: str) -> date:
+    """The calendar date of a UTC instant in timezone `tz`."""
+    return instant.astimezone(ZoneInfo(tz)).date()
+
+
+def day_bounds(first: date, last: date, tz: str) -> list[datetime]:
+    """UTC starts of the local days first .. last, then the end of `last`: len = days + 1."""
+    days = (last - first).days + 1
+    return [day_start(first + timedelta(days=i), tz) for i in range(days + 1)]
+
+
+def _day_index(column: ColumnElement, bounds: Sequence[datetime]) -> ColumnElement:
+    """SQL: the index of the local day `column` falls in (0 = the first), NULL after the last."""
+    # Callers only pass rows at or after bounds[0]; the WHENs are tried in order.
+    return case(*[(column < end, i) for i, end in enumerate(bounds[1:])], else_=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The phase being analysed
+
+
+@dataclass(frozen=True)
+class PhaseScope:
+    """What the queries need to know about a phase: ids, timezone and the phases before it."""
+
+    experiment_id: int
+    phase_id: int
+    timezone: str
+    first_day: date  # local date the phase started
+    earlier_or_same: tuple[int, ...]  # phase ids with number <= this phase's (may hold pre-period events)
+    same_assignment: tuple[int, ...]  # of those, the ones with this phase's seed (arms carried over)
+
+    @classmethod
+    def load(cls, conn: Connection, experiment_id: int, phase_id: int) -> PhaseScope:
+        query = select(Experiment.timezone).where(Experiment.id == experiment_id)
+        tz = conn.execute(query).scalar_one_or_none()
+        if tz is None:
+            raise LookupError(f"no experiment with id {experiment_id}")
+        query = select(Phase.id, Phase.number, Phase.seed, Phase.started_at)
+        phases = conn.execute(query.where(Phase.experiment_id == experiment_id)).all()
+        this = next((p for p in phases if p.id == phase_id), None)
+        if this is None:
+            raise LookupError(f"phase {phase_id} is not a phase of experiment {experiment_id}")
+        earlier = [p for p in phases if p.number <= this.number]
+        return cls(
+            experiment_id=experiment_id,
+            phase_id=phase_id,
+            timezone=tz,
+            first_day=local_date(this.started_at, tz),
+            earlier_or_same=tuple(p.id for p in earlier),
+            same_assignment=tuple(p.id for p in earlier if p.seed == this.seed),
+        )
+
+
+def _events(scope: PhaseScope):
+    """Impressions (y = 1) and clicks (x = 1) of the phase and the phases before it, as one relation."""
+
+    def part(table, is_click: int):
+        return select(
+            table.user_id,
+            table.phase_id,
+            table.in_analysis,
+            table.created_at,
+            literal(1 - is_click).label("y"),
+            literal(is_click).label("x"),
+        ).where(table.experiment_id == scope.experiment_id, table.phase_id.in_(scope.earlier_or_same))
+
+    return union_all(part(Impression, 0), part(Click, 1)).subquery("events")
+
+
+def _periods(scope: PhaseScope, ev, until: datetime) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """SQL conditions on an event joined to its user's exposure: (metric period, pre-period)."""
+    post = and_(
+        ev.c.phase_id == scope.phase_id,
+        ev.c.in_analysis,
+        ev.c.created_at >= Exposure.first_seen_at,
+        ev.c.created_at < until,
+    )
+    same_assignment = and_(ev.c.in_analysis, ev.c.phase_id.in_(scope.same_assignment))
+    pre = and_(ev.c.created_at < Exposure.first_seen_at, not_(same_assignment))
+    return post, pre
+
+
+def _exposed(scope: PhaseScope, until: datetime) -> ColumnElement[bool]:
+    return and_(Exposure.phase_id == scope.phase_id, Exposure.first_seen_at < until)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-user table (export, dashboard CSV, checks)
+
+
+def user_rows_query(scope: PhaseScope, until: datetime | None = None):
+    """SELECT unit_id, arm, impressions, clicks, pre_impressions, pre_clicks: one row per exposed user."""
+    until = until or datetime.now(UTC)
+    ev = _events(scope)
+    post, pre = _periods(scope, ev, until)
+
+    def total(condition: ColumnElement[bool], column) -> ColumnElement:
+        return func.coalesce(func.sum(case((condition, column), else_=0)), 0)
+
+    return (
+        select(
+            Exposure.user_id.label("unit_id"),
+            Exposure.arm_name.label("arm"),
+            total(post, ev.c.y).label("impressions"),
+            total(post, ev.c.x).label("clicks"),
+            total(pre, ev.c.y).label("pre_impressions"),
+            total(pre, ev.c.x).label("pre_clicks"),
+        )
+        .select_from(Exposure)
+        .outerjoin(ev, ev.c.user_id == Exposure.user_id)
+        .where(_exposed(scope, until))
+        .group_by(Exposure.user_id, Exposure.arm_name)
+    )
+
+
+def iter_user_rows(
+    connection: Connection, experiment_id: int, phase_id: int, until: datetime | None = None
+) -> Iterator[tuple[str, str, int, int, int, int]]:
+    """Stream (unit_id, arm, impressions, clicks, pre_impressions, pre_clicks) per exposed user.
+
+    A server-side cursor on PostgreSQL (SQLite's cursor streams anyway), fetched in batches, so
+    memory stays flat however many users there are. `until` (UTC) cuts the log; default now.
+    """
+    scope = PhaseScope.load(connection, experiment_id, phase_id)
+    result = connection.execution_options(stream_results=True, yield_per=10_000).execute(
+        user_rows_query(scope, until)
+    )
+    for row in result:
+        yield (row.unit_id, row.arm, int(row.impressions), int(row.clicks), int(row.pre_impressions),
+               int(row.pre_clicks))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per arm and day
+
+
+@dataclass(frozen=True)
+class PhaseAggregate:
+    """Everything the report needs from the event log of one phase up to the end of `last_day`."""
+
+    days: list[date]
+    snapshots: dict[date, dict[str, ArmStats]]  # cumulative, as of the end of each day
+    novelty: dict[int, dict[str, ArmStats]]  # days since first exposure -> arm -> sums on that day
+    health: dict[date, dict[str, Health]]  # daily serving health
+    health_total: dict[str, Health]  # serving health of the phase so far
+
+
+def _user_days_table() -> Table:
+    return Table(
+        "analysis_user_days",
+        MetaData(),
+        Column("user_id", String(128)),
+        Column("arm_name", String(64)),
+        Column("first_day", Integer),
+        Column("day", Integer),
+        Column("x", Integer),
+        Column("y", Integer),
+        prefixes=["TEMPORARY"],
+    )
+
+
+def aggregate_phase(conn: Connection, experiment_id: int, phase_id: int, last_day: date) -> PhaseAggregate:
+    """Cumulative snapshots of every day from the phase's start to `last_day`, novelty and health.
+
+    Runs a handful of statements on `conn` (use one transaction, so they see one state of the
+    log) and a temporary table that is dropped before returning.
+    """
+    scope = PhaseScope.load(conn, experiment_id, phase_id)
+    if last_day < scope.first_day:
+        raise ValueError(f"phase {phase_id} started on {scope.first_day}, after {last_day}")
+    bounds = day_bounds(scope.first_day, last_day, scope.timezone)
+    days = [scope.first_day + timedelta(days=i) for i in range(len(bounds) - 1)]
+
+    user_days = _user_days_table()
+    user_days.drop(conn, checkfirst=True)
+    user_days.create(conn)
+    try:
+        _fill_user_days(conn, scope, user_days, bounds)
+        arms = _arms(conn, experiment_id)
+        entries = _entries(conn, scope, user_days, bounds)
+        increments = _increments(conn, user_days)
+        snapshots = _cumulate(days, arms, entries, increments)
+        novelty = _novelty(conn, user_days, entries, len(days), arms)
+    finally:
+        user_days.drop(conn)
+    health, health_total = _health(conn, scope, bounds, days, arms)
+    return PhaseAggregate(days, snapshots, novelty, health, health_total)
+
+
+def _arms(conn: Connection, experiment_id: int) -> list[str]:
+    query = select(Arm.name).where(Arm.experiment_id == experiment_id).order_by(Arm.position)
+    return list(conn.execute(query).scalars())
+
+
+def _fill_user_days(conn: Connection, scope: PhaseScope, user_days: Table, bounds: list[datetime]) -> None:
+    """The one pass over the log: counts per (exposed user, local day), plus one pre-period row."""
+    until = bounds[-1]
+    ev = _events(scope)
+    post, pre = _periods(scope, ev, until)
+    day = case((pre, PRE_DAY), else_=_day_index(ev.c.created_at, bounds))
+    grouped = (
+        select(
+            Exposure.user_id,
+            Exposure.arm_name,
+            Exposure.first_seen_at,
+            day.label("day"),
+            func.sum(ev.c.x).label("x"),
+            func.sum(ev.c.y).label("y"),
+        )
+        .select_from(Exposure)
+        .join(ev, ev.c.user_id == Exposure.user_id)
+        .where(_exposed(scope, until), or_(post, pre))
+        .group_by(Exposure.user_id, Exposure.arm_name, Exposure.first_seen_at, day)
+        .subquery()
+    )
+    first_day = _day_index(grouped.c.first_seen_at, bounds)
+    rows = select(grouped.c.user_id, grouped.c.arm_name, first_day, grouped.c.day, grouped.c.x, grouped.c.y)
+    conn.execute(user_days.insert().from_select(["user_id", "arm_name", "first_day", "day", "x", "y"], rows))
+
+
+def _entries(
+    conn: Connection, scope: PhaseScope, user_days: Table, bounds: list[datetime]
+) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (arm, day of first exposure): users entering and the sums of their pre-period terms."""
+    first_day = _day_index(Exposure.first_seen_at, bounds)
+    out: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    counts = conn.execute(
+        select(Exposure.arm_name, first_day.label("first_day"), func.count().label("n"))
+        .where(_exposed(scope, bounds[-1]))
+        .group_by(Exposure.arm_name, first_day)
+    )
+    for r in counts:
+        out[(r.arm_name, r.first_day)]["n"] = float(r.n)
+    u = user_days.c
+    pre = conn.execute(
+        select(
+            u.arm_name,
+            u.first_day,
+            func.sum(u.x).label("sum_px"),
+            func.sum(u.y).label("sum_py"),
+            func.sum(u.x * u.x).label("sum_px2"),
+            func.sum(u.y * u.y).label("sum_py2"),
+            func.sum(u.x * u.y).label("sum_pxpy"),
+        )
+        .where(u.day == PRE_DAY)
+        .group_by(u.arm_name, u.first_day)
+    )
+    for r in pre:
+        out[(r.arm_name, r.first_day)].update(
+            {k: float(getattr(r, k)) for k in ("sum_px", "sum_py", "sum_px2", "sum_py2", "sum_pxpy")}
+        )
+    return out
+
+
+def _increments(conn: Connection, user_days: Table) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (arm, day): how much each sum over users grows that day.
+
+    With X, Y a user's totals after the day and x, y the day's counts, X² grows by 2Xx - x²,
+    Y² by 2Yy - y², XY by Xy + xY - xy; the pre-period cross terms by x px, x py, y px, y py.
+    """
+    u = user_days.c
+    in_period = u.day >= 0
+    by_user = {"partition_by": u.user_id}
+    running = {"partition_by": u.user_id, "order_by": u.day, "rows": (None, 0)}
+    per_row = (
+        select(
+            u.arm_name,
+            u.day,
+            u.x,
+            u.y,
+            func.sum(case((in_period, u.x), else_=0)).over(**running).label("cx"),
+            func.sum(case((in_period, u.y), else_=0)).over(**running).label("cy"),
+            func.max(case((in_period, 0), else_=u.x)).over(**by_user).label("px"),
+            func.max(case((in_period, 0), else_=u.y)).over(**by_user).label("py"),
+        )
+    ).subquery()
+    r = per_row.c
+    x, y = cast(r.x, Float), cast(r.y, Float)
+    cx, cy = cast(r.cx, Float), cast(r.cy, Float)
+    px, py = cast(r.px, Float), cast(r.py, Float)
+    query = (
+        select(
+            r.arm_name,
+            r.day,
+            func.sum(x).label("sum_x"),
+            func.sum(y).label("sum_y"),
+            func.sum(2 * cx * x - x * x).label("sum_x2"),
+            func.sum(2 * cy * y - y * y).label("sum_y2"),
+            func.sum(cx * y + x * cy - x * y).label("sum_xy"),
+            func.sum(x * px).label("sum_x_px"),
+            func.sum(x * py).label("sum_x_py"),
+            func.sum(y * px).label("sum_y_px"),
+            func.sum(y * py).label("sum_y_py"),
+        )
+        .where(r.day >= 0)
+        .group_by(r.arm_name, r.day)
+    )
+    return {(row.arm_name, row.day): {k: float(v) for k, v in row._mapping.items() if k.startswith("sum")}
+            for row in conn.execute(query)}
+
+
+def _cumulate(
+    days: list[date],
+    arms: list[str],
+    entries: dict[tuple[str, int], dict[str, float]],
+    increments: dict[tuple[str, int], dict[str, float]],
+) -> dict[date, dict[str, ArmStats]]:
+    """Add up the daily increments into the cumulative statistics of every day and arm."""
+    snapshots: dict[date, dict[str, ArmStats]] = {d: {} for d in days}
+    for arm in arms:
+        running = dict.fromkeys(STAT_FIELDS, 0.0)
+        for i, day in enumerate(days):
+            for sums in (entries.get((arm, i), {}), increments.get((arm, i), {})):
+                for name, value in sums.items():
+                    running[name] += value
+            snapshots[day][arm] = ArmStats(**running)
+    return snapshots
+
+
+def _novelty(
+    conn: Connection,
+    user_days: Table,
+    entries: dict[tuple[str, int], dict[str, float]],
+    n_days: int,
+    arms: list[str],
+) -> dict[int, dict[str, ArmStats]]:
+    """Per k = days since first exposure: sums over the arm's users of their day-k counts.
+
+    Every user whose k-th day has begun by the end of the last day counts (with zeros if idle).
+    """
+    u = user_days.c
+    k = (u.day - u.first_day).label("k")
+    x, y = cast(u.x, Float), cast(u.y, Float)
+    rows = conn.execute(
+        select(
+            u.arm_name,
+            k,
+            func.sum(x).label("sum_x"),
+            func.sum(y).label("sum_y"),
+            func.sum(x * x).label("sum_x2"),
+            func.sum(y * y).label("sum_y2"),
+            func.sum(x * y).label("sum_xy"),
+        )
+        .where(u.day >= 0)
+        .group_by(u.arm_name, k)
+    )
+    sums = {(r.arm_name, r.k): r for r in rows}
+    out: dict[int, dict[str, ArmStats]] = {}
+    for days_since in range(n_days):
+        for arm in arms:
+            # Users first exposed on day i have reached day k when i + k <= the last day.
+            n = sum(entries.get((arm, i), {}).get("n", 0.0) for i in range(n_days - days_since))
+            if n == 0:
+                continue
+            r = sums.get((arm, days_since))
+            values = {f: float(getattr(r, f)) if r else 0.0 for f in NOVELTY_FIELDS[1:]}
+            out.setdefault(days_since, {})[arm] = ArmStats(n=n, **values)
+    return out
+
+
+def _health(
+    conn: Connection, scope: PhaseScope, bounds: list[datetime], days: list[date], arms: list[str]
+) -> tuple[dict[date, dict[str, Health]], dict[str, Health]]:
+    """Daily and phase-to-date serving health per arm, from a latency histogram built in SQL.
+
+    All impressions served in the phase count (pinned users and paused serving included): this
+    is about the serving path, not the analysis. Percentiles come from 0.1 ms buckets.
+    """
+    day = _day_index(Impression.created_at, bounds).label("day")
+    # round() first: CAST truncates on SQLite but rounds on PostgreSQL.
+    bucket = cast(func.round(Impression.latency_ms / LATENCY_RESOLUTION_MS), Integer).label("bucket")
+    fallback = func.sum(case((Impression.fallback, 1), else_=0)).label("fallbacks")
+    rows = conn.execute(
+        select(Impression.arm_name, day, bucket, func.count().label("n"), fallback)
+        .where(
+            Impression.experiment_id == scope.experiment_id,
+            Impression.phase_id == scope.phase_id,
+            Impression.created_at >= bounds[0],
+            Impression.created_at < bounds[-1],
+        )
+        .group_by(Impression.arm_name, day, bucket)
+    )
+    histograms: dict[tuple[str, int], list[tuple[int, int, int]]] = defaultdict(list)
+    for r in rows:
+        histograms[(r.arm_name, r.day)].append((r.bucket, r.n, r.fallbacks))
+    daily: dict[date, dict[str, Health]] = {}
+    total: dict[str, Health] = {}
+    for arm in arms:
+        merged: list[tuple[int, int, int]] = []
+        for i, d in enumerate(days):
+            hist = histograms.get((arm, i), [])
+            merged += hist
+            daily.setdefault(d, {})[arm] = _health_of(hist)
+        total[arm] = _health_of(merged)
+    return daily, total
+
+
+def _health_of(histogram: list[tuple[int, int, int]]) -> Health:
+    """Health from (latency bucket, impressions, fallbacks) rows; percentiles by nearest rank."""
+    counts: dict[int, int] = defaultdict(int)
+    fallbacks = 0
+    for bucket, n, f in histogram:
+        counts[bucket] += n
+        fallbacks += f
+    total = sum(counts.values())
+    if total == 0:
+        return Health(0, 0, None, None)
+    ordered = sorted(counts.items())
+    cumulative = list(accumulate(n for _, n in ordered))
+
+    def percentile(q: float) -> float:
+        rank = max(1, math.ceil(q * total - 1e-9))
+        index = next(i for i, c in enumerate(cumulative) if c >= rank)
+        return ordered[index][0] * LATENCY_RESOLUTION_MS
+
+    return Health(total, fallbacks, percentile(0.5), percentile(0.99))
