@@ -17,10 +17,11 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 from abrec.analysis.stats import ArmStats
-from abrec.db import init_db, make_engine, session_factory, session_scope
 from abrec.experiments import service
 from abrec.experiments.schema import Click, Experiment, Exposure, Impression, Phase
 from sqlalchemy import Engine, insert, select
+
+from abrec.db import init_db, make_engine, session_factory, session_scope
 
 TZ = "Europe/Berlin"
 T0 = datetime(2026, 3, 25, 12, 0, tzinfo=UTC)
@@ -61,7 +62,10 @@ def make_experiment(engine: Engine, key: str, timezone: str = TZ, **kwargs) -> i
         exp = service.create_experiment(
             s,
             key=key,
-            arms=[service.ArmSpec("control", 1, "sasrec@champion"), service.ArmSpec("treatment", 1, "tron@champion")],
+            arms=[
+                service.ArmSpec("control", 1, "sasrec@champion"),
+                service.ArmSpec("treatment", 1, "tron@champion"),
+            ],
             actor="test",
             timezone=timezone,
             **kwargs,
@@ -171,7 +175,8 @@ def truth_users(log: Log, last_day: date | None = None) -> dict[str, tuple[str, 
         for e in log.events:
             if e.user_id != uid:
                 continue
-            if e.phase == 3 and e.in_analysis and e.at >= fs and (last_day is None or local(e.at) <= last_day):
+            in_time = last_day is None or local(e.at) <= last_day
+            if e.phase == 3 and e.in_analysis and e.at >= fs and in_time:
                 x, y = x + e.is_click, y + (not e.is_click)
             elif e.at < fs and not (e.in_analysis and e.phase in (2, 3)):
                 px, py = px + e.is_click, py + (not e.is_click)

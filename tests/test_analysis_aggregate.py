@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from abrec.analysis import aggregate
 from abrec.analysis.stats import ArmStats
-from analysis_eventlog import ARMS, PHASE_STARTS, TZ, build_log, local, truth_arm_stats, truth_novelty, truth_users
+from analysis_eventlog import (
+    ARMS,
+    PHASE_STARTS,
+    TZ,
+    build_log,
+    local,
+    truth_arm_stats,
+    truth_novelty,
+    truth_users,
+)
 
 LAST_DAY = date(2026, 3, 31)
 
