@@ -27,6 +27,15 @@ from abrec.db import init_db, make_engine, session_factory, session_scope
 
 @pytest.fixture
 def factory(db_url):
+    yield from _with_users(db_url)
+
+
+@pytest.fixture
+def sqlite_factory(sqlite_url):
+    yield from _with_users(sqlite_url)
+
+
+def _with_users(db_url):
     engine = make_engine(db_url)
     init_db(engine)
     factory = session_factory(engine)
@@ -62,9 +71,9 @@ def test_authenticate_password(factory):
         ("eve", "long-enough", "superuser", "unknown role"),
     ],
 )
-def test_create_user_refusals(factory, username, password, role, message):
+def test_create_user_refusals(sqlite_factory, username, password, role, message):
     with pytest.raises(IdentityError, match=message):
-        with session_scope(factory) as s:
+        with session_scope(sqlite_factory) as s:
             create_user(s, username, password, role, actor="root")
 
 
