@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "abrec.models.server_cli",
     "abrec.assignment.cli",
     "abrec.experiments.cli",
+    "abrec.experiments.api_cli",
     "abrec.experiments.models_admin",
     "abrec.experiments.simulate",
     "abrec.analysis.cli",
