@@ -10,8 +10,8 @@ from markupsafe import Markup
 
 # One colour per arm position, control first (grey), so an arm keeps its colour on every chart.
 ARM_COLOURS = ["#64748b", "#2563eb", "#e11d48", "#059669", "#d97706", "#7c3aed", "#0891b2"]
-CONFIG = {"displaylogo": False, "responsive": True,
-          "modeBarButtonsToRemove": ["lasso2d", "select2d", "autoScale2d"]}
+# Drag to zoom and double-click to reset still work; the toolbar only hid chart titles.
+CONFIG = {"displaylogo": False, "responsive": True, "displayModeBar": False}
 
 
 def colour(position: int) -> str:
@@ -93,4 +93,139 @@ def offline_vs_online(arms) -> go.Figure:
     layout(fig, "Offline Recall@20 against online CTR", "online CTR",
            "offline Recall@20 (version now behind the alias)", percent=True, height=320)
     fig.update_layout(hovermode="closest", showlegend=False)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment page: one phase over time
+
+
+def cumulative_lift(views) -> go.Figure:
+    """Each treatment's cumulative relative lift with its always-valid 95% band, day by day."""
+    fig = go.Figure()
+    for position, arm in enumerate(views.arms):
+        points = [p for p in views.cumulative_lift if p.arm == arm]
+        if not points:
+            continue
+        x = [p.key for p in points]
+        lo = [p.rel_lift_ci_sequential[0] for p in points]
+        hi = [p.rel_lift_ci_sequential[1] for p in points]
+        band(fig, x, lo, hi, colour(position), arm)
+        fig.add_trace(go.Scatter(
+            x=x, y=[p.rel_lift for p in points], mode="lines+markers", name=arm, legendgroup=arm,
+            line={"color": colour(position), "width": 2.5},
+            customdata=[[*p.rel_lift_ci_sequential] for p in points],
+            hovertemplate=f"{arm}: %{{y:+.1%}} "
+            "[%{customdata[0]:+.1%}, %{customdata[1]:+.1%}]<extra></extra>",
+        ))
+    fig.add_hline(y=0, line={"color": "#334155", "width": 1})
+    fig = layout(fig, f"Cumulative lift over {views.control} (95% always-valid band)", "relative CTR lift",
+                 percent=True)
+    # The first days' bands are very wide; scale the axis to the later ones so the trend stays readable.
+    days = sorted({p.key for p in views.cumulative_lift})
+    later = [p for p in views.cumulative_lift if p.key >= days[len(days) // 3]]
+    lo = min(0.0, *(p.rel_lift_ci_sequential[0] for p in later), *(p.rel_lift for p in views.cumulative_lift))
+    hi = max(0.0, *(p.rel_lift_ci_sequential[1] for p in later), *(p.rel_lift for p in views.cumulative_lift))
+    pad = 0.1 * (hi - lo) or 0.05
+    fig.update_yaxes(range=[lo - pad, hi + pad])
+    return fig
+
+
+def daily_ctr(views) -> go.Figure:
+    fig = go.Figure()
+    for position, arm in enumerate(views.arms):
+        points = [d for d in views.daily_ctr if d.arm == arm and d.ctr is not None]
+        if points:
+            fig.add_trace(go.Scatter(
+                x=[d.key for d in points], y=[d.ctr for d in points], mode="lines+markers", name=arm,
+                line={"color": colour(position), "width": 2},
+                hovertemplate=f"{arm}: %{{y:.2%}}<extra></extra>",
+            ))
+    return layout(fig, "Daily CTR per arm", "CTR (clicks / impressions)", percent=True)
+
+
+def novelty(views) -> go.Figure:
+    """Lift on the k-th day after a user's first exposure: a fading lift means a novelty effect."""
+    fig = go.Figure()
+    for position, arm in enumerate(views.arms):
+        points = [p for p in views.novelty if p.arm == arm]
+        if not points:
+            continue
+        fig.add_trace(go.Scatter(
+            x=[p.key for p in points], y=[p.rel_lift for p in points], mode="lines+markers", name=arm,
+            line={"color": colour(position)},
+            error_y={"type": "data", "symmetric": False,
+                     "array": [p.rel_lift_ci[1] - p.rel_lift for p in points],
+                     "arrayminus": [p.rel_lift - p.rel_lift_ci[0] for p in points]},
+            hovertemplate=f"{arm}, day %{{x}}: %{{y:+.1%}}<extra></extra>",
+        ))
+    fig.add_hline(y=0, line={"color": "#334155", "width": 1})
+    fig = layout(fig, "Lift by days since first exposure (95% CI)", "relative CTR lift",
+                 "days since the user's first exposure", percent=True)
+    fig.update_xaxes(dtick=1)
+    return fig
+
+
+def users_vs_expected(views) -> go.Figure:
+    arms = views.arms
+    fig = go.Figure([
+        go.Bar(x=arms, y=[views.users[a] for a in arms], name="users exposed",
+               marker_color=[colour(i) for i in range(len(arms))],
+               text=[f"{views.users[a]:,.0f}" for a in arms], textposition="inside"),
+        go.Scatter(x=arms, y=[views.expected_users[a] for a in arms], mode="markers",
+                   name="expected from weights",
+                   marker={"symbol": "line-ew", "size": 40, "line": {"width": 3, "color": "#0f172a"}}),
+    ])
+    p = views.srm_p_value
+    verdict = "no data" if p is None else ("MISMATCH" if p < 0.001 else "ok")
+    p_text = "" if p is None else f", p = {p:.3g}" if p >= 0.001 else ", p < 0.001"
+    fig = layout(fig, f"Users per arm against the weights (SRM {verdict}{p_text})", "users")
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
+def power_progress(progress) -> go.Figure:
+    """Users so far against users needed to detect the target lift with 80% power."""
+    needed = progress.users_needed
+    fig = go.Figure(go.Bar(
+        y=["needed", "so far"], x=[needed, progress.users_so_far], orientation="h",
+        marker_color=["#cbd5e1", "#2563eb"], text=[f"{needed:,.0f}", f"{progress.users_so_far:,.0f}"],
+        textposition="auto", hovertemplate="%{y}: %{x:,.0f} users<extra></extra>",
+    ))
+    share = progress.users_so_far / needed if needed else 0
+    fig = layout(fig, f"Sample for a {progress.target_effect:+.0%} lift: {min(share, 1):.0%} reached", "",
+                 "users (all arms)", height=220)
+    fig.update_layout(hovermode="closest", showlegend=False)
+    return fig
+
+
+def serving_latency(views) -> go.Figure:
+    days = sorted(views.health)
+    fig = go.Figure()
+    for position, arm in enumerate(views.arms):
+        rows = [(d, views.health[d][arm]) for d in days if arm in views.health[d]]
+        for label, attr, dash in (("p50", "latency_p50_ms", "solid"), ("p99", "latency_p99_ms", "dot")):
+            points = [(d, getattr(h, attr)) for d, h in rows if getattr(h, attr) is not None]
+            if points:
+                fig.add_trace(go.Scatter(
+                    x=[d for d, _ in points], y=[v for _, v in points], mode="lines+markers",
+                    name=f"{arm} {label}", line={"color": colour(position), "dash": dash},
+                    hovertemplate=f"{arm} {label}: %{{y:.1f}} ms<extra></extra>",
+                ))
+    return layout(fig, "Serving latency per arm (p50 solid, p99 dotted)", "milliseconds")
+
+
+def fallback_rate(views) -> go.Figure:
+    days = sorted(views.health)
+    fig = go.Figure()
+    for position, arm in enumerate(views.arms):
+        rows = [(d, views.health[d][arm].fallback_rate) for d in days if arm in views.health[d]]
+        rows = [(d, r) for d, r in rows if r is not None]
+        if rows:
+            fig.add_trace(go.Bar(x=[d for d, _ in rows], y=[r for _, r in rows], name=arm,
+                                 marker_color=colour(position),
+                                 hovertemplate=f"{arm}: %{{y:.2%}}<extra></extra>"))
+    fig = layout(fig, "Fallback rate per arm (popular items served instead of the model)",
+                 "share of impressions", percent=True)
+    fig.update_layout(barmode="group")
     return fig

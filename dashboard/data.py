@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from abrec.experiments.schema import STATUSES, AuditLog, Experiment, utcnow
+from abrec.analysis import power, stats, store, timeviews
+from abrec.experiments.schema import STATUSES, AuditLog, Experiment, Phase, utcnow
 from abrec.models import registry
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, selectinload
@@ -119,9 +120,7 @@ def summarise(experiment: Experiment, report: dict[str, Any] | None, report_date
 
 
 def _srm_alert(p: float | None) -> bool | None:
-    from abrec.analysis.stats import SRM_ALERT_P
-
-    return None if p is None or not math.isfinite(p) else p < SRM_ALERT_P
+    return None if p is None or not math.isfinite(p) else p < stats.SRM_ALERT_P
 
 
 def decision_text(summary: Summary) -> str:
@@ -242,8 +241,8 @@ def arms_on_aliases(session: Session, finished_limit: int = 20) -> list[ArmOnAli
 
 
 def latest_reports(session: Session, experiment_ids: list[int]) -> dict[int, tuple[str, dict[str, Any]]]:
-    """The newest stored nightly report of each experiment: {id: (date, report JSON)}."""
-    return {}
+    """The newest stored nightly report of each experiment: {id: (ISO date, report JSON)}."""
+    return store.latest_reports(session, experiment_ids)
 
 
 @dataclass
@@ -289,3 +288,89 @@ def recent_audit(session: Session, key: str, limit: int = 30) -> list[AuditLog]:
         select(AuditLog).where(AuditLog.entity == "experiment", AuditLog.entity_id == key)
         .order_by(AuditLog.id.desc()).limit(limit)
     ))
+
+
+# ---------------------------------------------------------------------------------------------
+# One phase over time, from the nightly snapshots
+
+
+@dataclass
+class PowerProgress:
+    users_so_far: float
+    users_needed: int | None  # None when the control has too little data to estimate variance
+    target_effect: float
+    days_left: float | None
+    note: str = ""
+
+
+@dataclass
+class PhaseViews:
+    """Everything the experiment page plots for one phase; lists are empty before the first night."""
+
+    phase: Phase
+    control: str
+    arms: list[str]
+    days: list[Any]
+    daily_ctr: list[timeviews.DailyCtr]
+    cumulative_lift: list[timeviews.LiftPoint]
+    novelty: list[timeviews.LiftPoint]
+    users: dict[str, float]
+    expected_users: dict[str, float]
+    srm_p_value: float | None
+    power: PowerProgress | None
+    health: dict[Any, dict[str, store.Health]]
+
+
+def _finite(point: timeviews.LiftPoint) -> bool:
+    return all(math.isfinite(v) for v in (point.rel_lift, *point.rel_lift_ci, *point.rel_lift_ci_sequential))
+
+
+DEFAULT_TARGET_EFFECT = 0.05
+
+
+def phase_views(session: Session, experiment: Experiment, phase: Phase) -> PhaseViews:
+    arms = [a.name for a in experiment.arms]
+    control = arms[0]
+    snapshots = store.load_snapshots(session, phase.id)
+    days = sorted({s.key for s in snapshots})
+    has_control = any(s.arm == control for s in snapshots)
+    # N* of the confidence sequence: the planned total users (None treats each day as the final look).
+    tuning = float(experiment.planned_users) if experiment.planned_users else None
+    lift = timeviews.cumulative_lift(snapshots, control, sequential_tuning=tuning) if has_control else []
+    novelty: list[timeviews.LiftPoint] = []
+    if days:
+        cohorts = store.load_novelty(session, phase.id, days[-1])
+        if any(c.arm == control for c in cohorts):
+            novelty = timeviews.lift_by_exposure_day(cohorts, control)
+
+    latest = {s.arm: s.stats for s in snapshots if s.key == days[-1]} if days else {}
+    users = {arm: float(latest[arm].n) if arm in latest else 0.0 for arm in arms}
+    weights = {arm: float(phase.weights.get(arm, 0.0)) for arm in arms}
+    total = sum(users.values())
+    expected = {arm: total * w / (sum(weights.values()) or 1.0) for arm, w in weights.items()}
+    srm_p = None
+    if total > 0 and all(w > 0 for w in weights.values()):
+        srm_p = stats.srm_test(users, weights).p_value
+    return PhaseViews(
+        phase=phase, control=control, arms=arms, days=days,
+        daily_ctr=timeviews.daily_ctr(snapshots),
+        cumulative_lift=[p for p in lift if _finite(p)],
+        novelty=[p for p in novelty if _finite(p)],
+        users=users, expected_users=expected, srm_p_value=srm_p,
+        power=_power(experiment, latest.get(control), total, len(days), len(arms)) if days else None,
+        health=store.load_health(session, phase.id),
+    )
+
+
+def _power(experiment: Experiment, control: stats.ArmStats | None, users: float, days: int,
+           n_arms: int) -> PowerProgress:
+    effect = experiment.target_effect or DEFAULT_TARGET_EFFECT
+    if control is None:
+        return PowerProgress(users, None, effect, None, "the control arm has no data yet")
+    try:
+        need = power.users_needed(control, effect, arms=n_arms, daily_users=users / max(days, 1))
+    except ValueError as exc:
+        return PowerProgress(users, None, effect, None, str(exc))
+    left = max(0.0, need.total_users - users)
+    days_left = left / (users / max(days, 1)) if users > 0 else None
+    return PowerProgress(users, need.total_users, effect, days_left)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from typing import Any
 
 from flask import Flask
 
@@ -62,6 +63,26 @@ def ms(value: float | None) -> str:
     return f"{value:,.1f} ms" if _ok(value) else DASH
 
 
+def change(action: str, details: dict[str, Any]) -> str:
+    """An audit row's details in a line: weights as percentages, arms with their aliases."""
+    if action == "create" and "arms" in details:
+        arms = details["arms"]
+        return "arms " + ", ".join(f"{a['name']} {pct(a['weight'], 0)} ({a['model_alias']})" for a in arms)
+    if action == "change_weights" and "old" in details:
+        new = details.get("new", {})
+        moves = ", ".join(f"{k} {pct(v, 0)} → {pct(new.get(k), 0)}" for k, v in details["old"].items())
+        phase = details.get("phase")
+        return moves + (f"; phase {phase}" + (", users re-randomised" if details.get("reseed") else "")
+                        if phase else "")
+    parts = []
+    for key, value in details.items():
+        if value is None or key == "seed":
+            continue
+        parts.append(f"{key.replace('_', ' ')} {value:.3g}" if isinstance(value, float) else
+                     f"{key.replace('_', ' ')} {value}")
+    return "; ".join(parts)
+
+
 def register(app: Flask) -> None:
-    for f in (num, pct, signed_pct, ci, pvalue, when, ms):
+    for f in (num, pct, signed_pct, ci, pvalue, when, ms, change):
         app.add_template_filter(f)

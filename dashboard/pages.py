@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from collections.abc import Iterator
+from datetime import date
 from typing import Any
 
+from abrec.analysis import aggregate, store
 from abrec.dashboard import charts, data
 from abrec.dashboard.app import db
 from abrec.experiments import service
-from abrec.experiments.schema import STATUSES
+from abrec.experiments.schema import STATUSES, Experiment, Phase
 from flask import (
     Blueprint,
     Response,
@@ -22,6 +25,7 @@ from flask import (
     stream_with_context,
     url_for,
 )
+from markupsafe import Markup
 
 bp = Blueprint("pages", __name__)
 
@@ -85,21 +89,70 @@ def _helpers() -> dict[str, Any]:
 def experiment(key: str) -> Any:
     session = db()
     exp = service.get_experiment(session, key)
-    reports = data.latest_reports(session, [exp.id])
-    day, report = reports.get(exp.id, (None, None))
+    day, report = data.latest_reports(session, [exp.id]).get(exp.id, (None, None))
     summary = data.summarise(exp, report, day)
+    phase = _chosen_phase(exp)
+    views = data.phase_views(session, exp, phase) if phase is not None else None
     return render_template(
         "experiment.html", nav="experiments", s=summary, e=exp, decision_text=data.decision_text,
         served=data.served_versions(session, exp), audit=data.recent_audit(session, exp.key),
-        figures=[],
+        views=views, figures=_figures(views) if views else [], phase=phase,
+        reports=store.list_reports(session, exp.id), health=_health_totals(views) if views else {},
     )
+
+
+def _chosen_phase(exp: Experiment) -> Phase | None:
+    """The phase named by ?phase=N, else the newest; None before the experiment starts."""
+    if not exp.phases:
+        return None
+    number = request.args.get("phase", type=int)
+    if number is None:
+        return exp.phases[-1]
+    for phase in exp.phases:
+        if phase.number == number:
+            return phase
+    abort(404, f"{exp.key} has no phase {number}")
+
+
+def _figures(views: data.PhaseViews) -> list[Markup]:
+    """The charts that have something to show, in reading order."""
+    out = []
+    if views.cumulative_lift:
+        out.append(charts.render(charts.cumulative_lift(views), "chart-lift"))
+    if any(d.ctr is not None for d in views.daily_ctr):
+        out.append(charts.render(charts.daily_ctr(views), "chart-daily-ctr"))
+    if views.novelty:
+        out.append(charts.render(charts.novelty(views), "chart-novelty"))
+    if views.days:
+        out.append(charts.render(charts.users_vs_expected(views), "chart-srm"))
+    if views.power and views.power.users_needed:
+        out.append(charts.render(charts.power_progress(views.power), "chart-power"))
+    if views.health:
+        out.append(charts.render(charts.serving_latency(views), "chart-latency"))
+        out.append(charts.render(charts.fallback_rate(views), "chart-fallback"))
+    return out
+
+
+def _health_totals(views: data.PhaseViews) -> dict[str, dict[str, Any]]:
+    """Per arm over the phase: impressions and fallbacks summed, the latest day's p50/p99, worst p99."""
+    out: dict[str, dict[str, Any]] = {}
+    for arm in views.arms:
+        days = [(d, views.health[d][arm]) for d in sorted(views.health) if arm in views.health[d]]
+        if not days:
+            continue
+        impressions = sum(h.impressions for _, h in days)
+        fallbacks = sum(h.fallbacks for _, h in days)
+        p99s = [h.latency_p99_ms for _, h in days if h.latency_p99_ms is not None]
+        out[arm] = {"impressions": impressions, "fallbacks": fallbacks,
+                    "fallback_rate": fallbacks / impressions if impressions else None,
+                    "p50": days[-1][1].latency_p50_ms, "p99": days[-1][1].latency_p99_ms,
+                    "worst_p99": max(p99s) if p99s else None, "day": days[-1][0]}
+    return out
 
 
 @bp.get("/experiments/<key>/users.csv")
 def users_csv(key: str) -> Any:
-    """The per-user table of one phase, streamed row by row from a server-side cursor."""
-    from abrec.analysis.aggregate import iter_user_rows
-
+    """The per-user table of one phase, streamed in chunks from a server-side cursor."""
     session = db()
     exp = service.get_experiment(session, key)
     number = request.args.get("phase", type=int)
@@ -110,28 +163,44 @@ def users_csv(key: str) -> Any:
         number = max(phases)
     if number not in phases:
         abort(404, f"{key} has no phase {number} (phases: {', '.join(map(str, sorted(phases)))})")
-    phase_id = phases[number].id
+    experiment_id, phase_id = exp.id, phases[number].id
     engine = current_app.extensions["abrec_engine"]
 
     def generate() -> Iterator[str]:
-        # Own connection: the request's session is closed when the view returns, before streaming.
+        # Its own connection: the request's session closes when the view returns, before streaming.
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(USER_COLUMNS)
         with engine.connect() as connection:
-            rows = iter_user_rows(connection, exp.id, phase_id)
-            header = None
-            for row in rows:
-                if header is None:
-                    header = list(row.keys())
-                    yield _csv_line(header)
-                yield _csv_line([row[h] for h in header])
-            if header is None:
-                yield _csv_line(["unit_id", "arm", "impressions", "clicks"])
+            for i, row in enumerate(aggregate.iter_user_rows(connection, experiment_id, phase_id), start=1):
+                writer.writerow(row)
+                if i % CSV_CHUNK_ROWS == 0:  # chunks of rows, not one write per row
+                    yield buffer.getvalue()
+                    buffer.seek(0)
+                    buffer.truncate()
+        yield buffer.getvalue()
 
     filename = f"{key}-phase{number}-users.csv"
     return Response(stream_with_context(generate()), mimetype="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
-def _csv_line(values: list[Any]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer).writerow(values)
-    return buffer.getvalue()
+# The columns `abrec analyze-file` reads.
+USER_COLUMNS = ("unit_id", "arm", "impressions", "clicks", "pre_impressions", "pre_clicks")
+CSV_CHUNK_ROWS = 5000
+
+
+@bp.get("/experiments/<key>/reports/<day>")
+def report(key: str, day: str) -> Any:
+    """One stored nightly report, as it was written that night."""
+    session = db()
+    exp = service.get_experiment(session, key)
+    try:
+        when = date.fromisoformat(day)
+    except ValueError:
+        abort(400, f"{day!r} is not a date (YYYY-MM-DD)")
+    found = store.get_report(session, exp.id, when)
+    if found is None:
+        abort(404, f"{key} has no report for {day}")
+    return render_template("report.html", nav="experiments", e=exp, day=when,
+                           report_json=json.dumps(found[1], indent=2, sort_keys=True, default=str))

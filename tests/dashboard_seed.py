@@ -8,12 +8,17 @@ since registering real checkpoints would train models.
 
 from __future__ import annotations
 
-from datetime import timedelta
+import uuid
+from datetime import date, datetime, timedelta
 
+import numpy as np
+from abrec.analysis import aggregate, decision, stats, store
 from abrec.experiments import identity, service
-from abrec.experiments.schema import utcnow
+from abrec.experiments.schema import Click, Exposure, Impression, utcnow
+from abrec.experiments.schema import Experiment as Experiment_
+from abrec.experiments.schema import Phase as Phase_
 from abrec.models import registry
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from abrec.db import init_db, make_engine, session_factory, session_scope
 
@@ -80,7 +85,7 @@ def seed(url: str) -> None:
             arms=[service.ArmSpec("sasrec", 1, "sasrec@champion"),
                   service.ArmSpec("sasrec-ssm", 1, "sasrec-ssm@champion"),
                   service.ArmSpec("tron", 1, "tron@champion")],
-            planned_users=60_000, target_effect=0.05,
+            planned_users=8_000, target_effect=0.10,
         )
         service.start(s, EXPERIMENT, actor="editor")
         exp = service.get_experiment(s, EXPERIMENT)
@@ -93,9 +98,113 @@ def seed(url: str) -> None:
             arms=[service.ArmSpec("control", 0.9, "tron@champion"),
                   service.ArmSpec("challenger", 0.1, "tron@challenger")],
         )
+        service.start(s, "tron-challenger-ramp", actor="editor")
+        ramp = service.get_experiment(s, "tron-challenger-ramp")
+        ramp.started_at = ramp.phases[0].started_at = utcnow() - timedelta(days=2, hours=1)
         service.create_experiment(
             s, key="gru4rec-baseline", actor="editor",
             arms=[service.ArmSpec("sasrec", 1, "sasrec@champion"),
                   service.ArmSpec("tron", 1, "tron@champion")],
         )
+    with session_scope(factory) as s:
+        # Three arms with a real difference: TRON clicks best.
+        simulate(s, EXPERIMENT, {"sasrec": 0.040, "sasrec-ssm": 0.042, "tron": 0.047}, users_per_day=320)
+        # The challenger is assigned but not served yet (its users got no impressions).
+        simulate(s, "tron-challenger-ramp", {"control": 0.047}, users_per_day=150)
+    with engine.begin() as conn:
+        for key in (EXPERIMENT, "tron-challenger-ramp"):
+            analyse(conn, key)
     engine.dispose()
+
+
+def simulate(session, key: str, ctr: dict[str, float], users_per_day: int, seed: int = 7) -> None:
+    """Users arrive every day, return on some later days, see slates and click with their own propensity."""
+    rng = np.random.default_rng(seed)
+    snapshot = service.load_snapshot(session, key)
+    exp = service.get_experiment(session, key)
+    phase = exp.phases[-1]
+    start = phase.started_at
+    now = utcnow()
+    days = int((now - start).total_seconds() // 86400) + 1
+    exposures, impressions, clicks = [], [], []
+    for day in range(days):
+        for u in range(users_per_day):
+            user = f"{key}-u{day}-{u}"
+            arm = service.decide(snapshot, user).arm_name
+            first = start + timedelta(days=day, seconds=float(rng.uniform(0, 86400)))
+            if first >= now:
+                continue
+            exposures.append({"experiment_id": exp.id, "phase_id": phase.id, "user_id": user, "arm_name": arm,
+                              "first_seen_at": first})
+            if arm not in ctr:
+                continue
+            propensity = rng.gamma(2.0, 0.5)  # users differ: clicks cluster by user
+            visit = first
+            while visit < now:
+                for _ in range(1 + rng.poisson(3)):
+                    at = visit + timedelta(seconds=float(rng.uniform(0, 600)))
+                    if at >= now:
+                        break
+                    imp = uuid.uuid4().hex
+                    items = [str(i) for i in rng.choice(5000, 10, replace=False)]
+                    fallback = bool(rng.random() < 0.004)
+                    impressions.append({
+                        "id": imp, "experiment_id": exp.id, "phase_id": phase.id, "user_id": user,
+                        "session_id": f"{user}-{visit:%j}", "arm_name": arm,
+                        "model_version": "popular" if fallback else f"{arm}:1", "items": items,
+                        "fallback": fallback, "latency_ms": float(rng.lognormal(2.6 + len(arm) / 50, 0.35)),
+                        "in_analysis": True, "created_at": at,
+                    })
+                    if rng.random() < min(1.0, ctr[arm] * propensity):
+                        pos = int(rng.integers(0, 10))
+                        clicks.append({
+                            "impression_id": imp, "experiment_id": exp.id, "phase_id": phase.id,
+                            "user_id": user, "arm_name": arm, "item_id": items[pos], "position": pos,
+                            "in_analysis": True,
+                            "created_at": at + timedelta(seconds=30),
+                        })
+                visit += timedelta(days=float(rng.exponential(2.0)))
+    session.execute(insert(Exposure), exposures)
+    session.execute(insert(Impression), impressions)
+    session.execute(insert(Click), clicks)
+
+
+def analyse(conn, key: str) -> None:
+    """What the nightly job does: snapshots, novelty and health per day, and a report per night."""
+    session_exp = conn.execute(select(Experiment_.id, Experiment_.planned_users, Experiment_.started_at)
+                               .where(Experiment_.key == key)).one()
+    phase_id = conn.execute(select(Phase_.id).where(Phase_.experiment_id == session_exp.id)).scalar_one()
+    yesterday = utcnow().date() - timedelta(days=1)
+    agg = aggregate.aggregate_phase(conn, session_exp.id, phase_id, yesterday)
+    store.save_snapshots(conn, session_exp.id, phase_id, agg.snapshots)
+    store.save_novelty(conn, session_exp.id, phase_id, yesterday, agg.novelty)
+    for day, health in agg.health.items():
+        store.save_health(conn, session_exp.id, phase_id, day, health)
+    for day in agg.days[-3:]:
+        store.save_report(conn, session_exp.id, day, build_report(agg.snapshots[day], session_exp, day),
+                          phase_id)
+
+
+def build_report(all_arms: dict[str, stats.ArmStats], exp, day: date) -> dict:
+    arms = {name: a for name, a in all_arms.items() if a.sum_y > 0}  # an arm without traffic has no CTR yet
+    if len(arms) < 2:
+        figures = {name: {"users": a.n, "impressions": a.sum_y, "clicks": a.sum_x,
+                          "ctr": a.sum_x / a.sum_y if a.sum_y else None} for name, a in all_arms.items()}
+        return {"arms": figures,
+                "decision": {"verdict": "keep running", "reasons": ["an arm has no impressions yet"]},
+                "warnings": ["too little data: an arm has no impressions yet"]}
+    analysis = stats.analyze(arms, control=next(iter(arms)), sequential_tuning=exp.planned_users)
+    report = analysis.to_dict()
+    for name, a in all_arms.items():
+        report["arms"].setdefault(name, {"users": a.n, "impressions": 0, "clicks": 0})
+    treatment = max(analysis.comparisons, key=lambda a: float(analysis.comparisons[a].rel_lift))
+    ci = analysis.comparisons[treatment].rel_lift_ci_sequential
+    runtime = (datetime.combine(day, datetime.max.time(), tzinfo=exp.started_at.tzinfo) - exp.started_at).days
+    verdict = decision.decide(
+        (float(ci[0]), float(ci[1])), analysis.srm.p_value, [], runtime_days=runtime,
+        users=sum(float(a.n) for a in arms.values()),
+        min_arm_clicks=min(float(a.sum_x) for a in arms.values()), planned_days=28,
+    )
+    report["srm"] = {"p_value": analysis.srm.p_value, "alert": analysis.srm.alert}
+    report["decision"] = {"verdict": verdict.verdict, "reasons": list(verdict.reasons)}
+    return report
