@@ -1,0 +1,166 @@
+"""The public hot path: `POST /v1/recommendations` and `POST /v1/clicks`.
+
+A recommendation decides the arm from the cached snapshot (no database read), asks the model server
+with a deadline (falling back to the arm model's popular items), and returns only after the
+impression (and the user's first exposure in the phase) is committed by the event log. If the
+database is unreachable the slate is still served, marked `logged: false`, without an impression id.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from abrec.experiments import metrics
+from abrec.experiments.api.errors import ApiError
+from abrec.experiments.api.state import ApiState, ImpressionInfo, positions_of
+from abrec.experiments.api.validation import parse_body
+from abrec.experiments.eventlog import LogUnavailable, RowsRejected
+from abrec.experiments.service import decide
+from abrec.experiments.signing import BadToken
+from abrec.models.client import ModelUnavailable
+from flask import Blueprint, current_app, jsonify, request
+
+bp = Blueprint("serving", __name__)
+
+FALLBACK_VERSION = "popular"
+EVENTLOG_TIMEOUT_S = 2.0
+
+
+def _state() -> ApiState:
+    return current_app.extensions["abrec_api"]
+
+
+@bp.post("/v1/recommendations")
+def recommend():
+    t0 = time.perf_counter()
+    state = _state()
+    body = parse_body(request.get_data(), "RecommendationRequest")
+    snapshot = state.snapshots.get(body["experiment"])
+    if snapshot.status == "draft":
+        raise ApiError(
+            409, "experiment not started", f"experiment {snapshot.key!r} is a draft; start it first"
+        )
+    user_id, k = body["user_id"], body["k"]
+    decision = decide(snapshot, user_id)
+    try:
+        answer = state.model_client.recommend(
+            decision.model_alias,
+            [str(i) for i in body["items"]],
+            k,
+            deadline_s=state.settings.model_deadline_s,
+        )
+        items, version, fallback = answer.items[:k], answer.version, False
+    except ModelUnavailable:
+        items, version, fallback = state.popular.get(decision.model_alias)[:k], FALLBACK_VERSION, True
+        metrics.FALLBACKS.labels(snapshot.key, decision.arm_name).inc()
+    latency_ms = (time.perf_counter() - t0) * 1000
+
+    now = state.clock.now()
+    row_id = uuid.uuid4().hex
+    impression = {
+        "id": row_id,
+        "experiment_id": snapshot.id,
+        "phase_id": decision.phase_id,
+        "user_id": user_id,
+        "session_id": body["session_id"],
+        "arm_name": decision.arm_name,
+        "model_version": version[:200],
+        "items": items,
+        "fallback": fallback,
+        "latency_ms": latency_ms,
+        "in_analysis": decision.in_analysis,
+        "created_at": now,
+    }
+    exposure_key = (decision.phase_id, user_id)
+    exposures = []
+    if decision.log_exposure and decision.phase_id is not None and exposure_key not in state.exposed:
+        exposures.append(
+            {
+                "experiment_id": snapshot.id,
+                "phase_id": decision.phase_id,
+                "user_id": user_id,
+                "arm_name": decision.arm_name,
+                "first_seen_at": now,
+            }
+        )
+    impression_id = None
+    try:
+        state.eventlog.write(impressions=[impression], exposures=exposures, timeout_s=EVENTLOG_TIMEOUT_S)
+        impression_id = state.signer.sign(row_id, int(now.timestamp()))
+        state.recent.put(
+            row_id,
+            ImpressionInfo(
+                snapshot.id,
+                decision.phase_id,
+                user_id,
+                decision.arm_name,
+                decision.in_analysis,
+                positions_of(items),
+            ),
+        )
+        if exposures:
+            if len(state.exposed) > 200_000:
+                state.exposed.clear()
+            state.exposed.add(exposure_key)
+    except (LogUnavailable, RowsRejected):
+        pass  # degraded: the slate is served, unlogged
+    logged = impression_id is not None
+    metrics.RECOMMENDATIONS.labels(snapshot.key, decision.arm_name, str(logged).lower()).inc()
+    metrics.RECOMMENDATION_LATENCY.labels(snapshot.key, decision.arm_name).observe(time.perf_counter() - t0)
+    return jsonify(
+        {
+            "arm": decision.arm_name,
+            "model_version": version,
+            "impression_id": impression_id,
+            "items": items,
+            "fallback": fallback,
+            "logged": logged,
+        }
+    )
+
+
+@bp.post("/v1/clicks")
+def click():
+    state = _state()
+    body = parse_body(request.get_data(), "ClickRequest")
+    try:
+        row_id, issued_at = state.signer.verify(body["impression_id"])
+    except BadToken as exc:
+        raise ApiError(400, "invalid impression_id", str(exc)) from None
+    now = state.clock.now()
+    age_s = now.timestamp() - issued_at
+    if age_s > state.settings.attribution_window_s:
+        raise ApiError(
+            410,
+            "expired",
+            f"the click came {age_s:.0f} s after the impression; the attribution window is "
+            f"{state.settings.attribution_window_s} s",
+        )
+    info = state.recent.get(row_id)
+    if info is None:
+        raise ApiError(404, "unknown impression", "no impression with this id is logged")
+    item = str(body["item_id"])
+    position = info.positions.get(item)
+    if position is None:
+        raise ApiError(422, "item not in the slate", f"item {item!r} was not shown in this impression")
+    row = {
+        "impression_id": row_id,
+        "experiment_id": info.experiment_id,
+        "phase_id": info.phase_id,
+        "user_id": info.user_id,
+        "arm_name": info.arm_name,
+        "item_id": item,
+        "position": position,
+        "in_analysis": info.in_analysis,
+        "created_at": now,
+    }
+    try:
+        outcome = state.eventlog.write(clicks=[row], timeout_s=EVENTLOG_TIMEOUT_S)
+    except LogUnavailable as exc:
+        raise ApiError(503, "event log unavailable", f"{exc}; retry the click later") from None
+    except RowsRejected as exc:
+        raise ApiError(409, "click refused by the database", str(exc)[:200]) from None
+    duplicate = outcome.duplicate_clicks[0]
+    metrics.CLICKS.labels(str(info.experiment_id), info.arm_name, str(duplicate).lower()).inc()
+    return jsonify({"recorded": True, "duplicate": duplicate, "arm": info.arm_name, "position": position})

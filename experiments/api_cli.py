@@ -1,0 +1,189 @@
+"""`abrec serve`: run the HTTP API under a threaded production WSGI server.
+
+One process (the default, and the only choice on SQLite, whose single writer is the event log's
+thread): waitress with `--threads` request threads. Several processes (`--workers N`, PostgreSQL
+only): gunicorn with the gthread worker; each worker builds its own app, engine and event-log
+writer after the fork, Prometheus metrics go to a shared multiprocess directory, and the simulated
+clock's offset to a shared file, so both look the same from every worker.
+
+Light to import: Flask, SQLAlchemy and the app are imported inside the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the recommendation/click/admin HTTP API",
+        description="Run the abrec HTTP API (waitress for one process, gunicorn gthread for several).",
+    )
+    p.add_argument("--db", default=None, help="database URL (default: $ABREC_DATABASE_URL or sqlite)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="processes (more than one needs PostgreSQL)")
+    p.add_argument("--threads", type=int, default=16, help="request threads per process")
+    models = p.add_mutually_exclusive_group()
+    models.add_argument(
+        "--model-server", default=None, help="model server URL (default: $ABREC_MODEL_SERVER_URL)"
+    )
+    models.add_argument(
+        "--in-process-models",
+        action="store_true",
+        help="load the models inside this process (single-process demo; imports torch)",
+    )
+    p.add_argument(
+        "--store", default=None, help="artifact store for --in-process-models ($ABREC_REGISTRY_STORE)"
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def _check(args: argparse.Namespace, url: str) -> None:
+    from abrec.cli import UsageError
+    from abrec.db import is_sqlite
+
+    if args.workers < 1 or args.threads < 1:
+        raise UsageError("--workers and --threads must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port} is not a TCP port")
+    if args.workers > 1 and is_sqlite(url):
+        raise UsageError(
+            f"--workers {args.workers} needs PostgreSQL: SQLite has one writer, so the API runs as one "
+            "process there (use --threads to serve more requests at once, or --db postgresql://...)"
+        )
+    if args.workers > 1 and args.in_process_models:
+        raise UsageError("--in-process-models loads the models into the API process: use it with --workers 1")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from abrec.config import get_settings
+    from abrec.db import normalise_url
+
+    settings = get_settings()
+    url = normalise_url(args.db or settings.database_url)
+    _check(args, url)
+    settings = replace(
+        settings, database_url=url, model_server_url=args.model_server or settings.model_server_url
+    )
+    _init_schema(url)
+    if args.workers == 1:
+        return _serve_waitress(args, settings)
+    return _serve_gunicorn(args, settings)
+
+
+def _init_schema(url: str) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from abrec.cli import UsageError
+    from abrec.db import init_db, make_engine
+
+    engine = make_engine(url)
+    try:
+        init_db(engine)
+    except OperationalError as exc:
+        raise UsageError(f"cannot open database {url}: {exc.orig}") from None
+    finally:
+        engine.dispose()  # workers open their own connections after the fork
+
+
+def _serve_waitress(args: argparse.Namespace, settings) -> int:
+    import logging
+
+    import waitress
+    from abrec.experiments.api import create_app, shutdown
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    client = None
+    if args.in_process_models:
+        client = _in_process_client(args, settings)
+    app = create_app(settings, model_client=client)
+    print(
+        f"abrec serve: http://{args.host}:{args.port} (1 process x {args.threads} threads, "
+        f"db {settings.database_url.split('@')[-1]})",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        waitress.serve(
+            app,
+            host=args.host,
+            port=args.port,
+            threads=args.threads,
+            connection_limit=1000,
+            backlog=2048,
+            channel_timeout=120,
+            asyncore_use_poll=True,  # select() stops at 1024 descriptors
+            ident="abrec",
+        )
+    finally:
+        shutdown(app)
+    return 0
+
+
+def _in_process_client(args: argparse.Namespace, settings):
+    from abrec.models.client import InProcessModelClient
+    from abrec.models.server import ModelServer
+    from abrec.models.store import open_store
+
+    from abrec.db import make_engine, session_factory
+
+    server = ModelServer(
+        session_factory(make_engine(settings.database_url)), open_store(args.store or settings.registry_store)
+    ).start()
+    return InProcessModelClient(server)
+
+
+def _serve_gunicorn(args: argparse.Namespace, settings) -> int:
+    # Before prometheus_client or the clock are imported: both read these at import time.
+    shared = tempfile.mkdtemp(prefix="abrec-serve-")
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(shared, "metrics"))
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    os.environ.setdefault("ABREC_CLOCK_FILE", os.path.join(shared, "clock"))
+    if "prometheus_client" in sys.modules:
+        from abrec.cli import UsageError
+
+        raise UsageError("internal: prometheus_client was imported before multiprocess mode was set up")
+
+    from gunicorn.app.base import BaseApplication
+
+    def child_exit(_server, worker) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+    class Gunicorn(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in {
+                "bind": f"{args.host}:{args.port}",
+                "workers": args.workers,
+                "worker_class": "gthread",
+                "threads": args.threads,
+                "keepalive": 75,  # clients keep pooled connections open between requests
+                "timeout": 60,
+                "graceful_timeout": 10,
+                "backlog": 2048,
+                "child_exit": child_exit,
+                "proc_name": "abrec-serve",
+            }.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            from abrec.experiments.api import create_app
+
+            return create_app(settings)  # in each worker, after the fork: its own engine and writer
+
+    print(
+        f"abrec serve: http://{args.host}:{args.port} ({args.workers} processes x {args.threads} threads, "
+        f"db {settings.database_url.split('@')[-1]})",
+        file=sys.stderr,
+        flush=True,
+    )
+    Gunicorn().run()
+    return 0
