@@ -634,9 +634,6 @@ def parse_recommend(body: bytes) -> tuple[str, list[str], int, bool]:
     return model, [str(i) for i in items], k, exclude
 
 
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
 class HttpApp:
     """A raw ASGI application over a ModelServer (no framework: this is the hot path)."""
 
@@ -662,9 +659,7 @@ class HttpApp:
             return await _reply(send, 200, self.server.status())
         if path == "/metrics":
             body = generate_latest(self.server.metrics)
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/plain; version=0.0.4")]})
-            return await send({"type": "http.response.body", "body": body})
+            return await _send(send, 200, body, b"text/plain; version=0.0.4")
         return await _reply(send, 404, {"error": f"no endpoint {path}"})
 
     async def _recommend(self, receive, send) -> None:
@@ -693,8 +688,13 @@ class HttpApp:
 
 
 async def _reply(send, status: int, payload: dict[str, Any]) -> None:
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    await send({"type": "http.response.start", "status": status, "headers": _JSON_HEADERS})
+    await _send(send, status, json.dumps(payload, separators=(",", ":")).encode(), b"application/json")
+
+
+async def _send(send, status: int, body: bytes, content_type: bytes) -> None:
+    # An explicit length keeps uvicorn from switching to chunked encoding.
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

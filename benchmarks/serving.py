@@ -1,0 +1,346 @@
+"""Serving benchmark: the model server with dynamic batching against one request at a time.
+
+Both `tron` and `sasrec` (Diginetica-sized catalogue of 43,097 items, d=200) are registered and
+resident in one `abrec model-server` process; callers alternate between the two models. For each
+mode (batched: --max-batch 64 --max-delay-ms 2; one at a time: --max-batch 1) it measures
+throughput and p50/p99 latency with 1, 8, 32 and 128 closed-loop callers, and one open-loop point
+(Poisson arrivals at a fixed rate, latency counted from each request's scheduled arrival, so
+queueing shows). The load generator is one asyncio process speaking raw keep-alive HTTP/1.1 with
+pre-encoded requests, so it takes little of the CPU it measures.
+
+Checkpoints: `--tron` / `--sasrec` (e.g. the offline benchmark's), else untrained models of the
+same size (serving cost does not depend on the weights). Request sessions are prefixes of
+Diginetica test sessions when ../shared/data is present, else random ones of similar length.
+
+    .venv/bin/python benchmarks/serving.py [--duration 5] [--tron PATH --sasrec PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DIGINETICA = ROOT.parent / "shared" / "data" / "diginetica"
+N_ITEMS = 43_097
+CALLERS = (1, 8, 32, 128)
+MODELS = ("tron@champion", "sasrec@champion")
+
+
+def make_checkpoint(kind: str, path: Path) -> Path:
+    """An untrained model of the served size, with Diginetica's ids (1..43,097) as its item map."""
+    import torch
+    from abrec.models.checkpoint import save_checkpoint
+    from abrec.models.data import ItemMap
+    from abrec.models.presets import build_model, resolve_config
+
+    torch.manual_seed(0)
+    config = resolve_config(kind)
+    model = build_model(kind, config, N_ITEMS)
+    item_map = ItemMap([str(i) for i in range(1, N_ITEMS + 1)])
+    return save_checkpoint(path, model, kind=kind, config=config, item_map=item_map, metrics={},
+                           popular=list(range(1, 101)), data_fingerprint="untrained")
+
+
+def build_registry(work: Path, checkpoints: dict[str, Path | None]) -> tuple[str, Path, dict[str, str]]:
+    from abrec.models import registry
+    from abrec.models.store import DirectoryStore
+
+    from abrec.db import init_db, make_engine, session_factory
+
+    url = f"sqlite:///{work / 'registry.db'}"
+    engine = make_engine(url)
+    init_db(engine)
+    store = DirectoryStore(work / "store")
+    sources = {}
+    with session_factory(engine)() as session:
+        for name, path in checkpoints.items():
+            if path is None:
+                path = make_checkpoint(name, work / f"{name}.safetensors")
+                sources[name] = "untrained (random weights), served size"
+            else:
+                sources[name] = str(path)
+            row = registry.register_model(session, store, path, name, actor="benchmark")
+            registry.set_alias(session, f"{name}@champion", row.label, actor="benchmark")
+            session.commit()
+    engine.dispose()
+    return url, store.root, sources
+
+
+def request_sessions(count: int, seed: int = 0) -> tuple[list[list[str]], str]:
+    rng = random.Random(seed)
+    test = DIGINETICA / "test.txt"
+    if test.exists():
+        lines = [line.split() for line in test.read_text().splitlines() if line.strip()]
+        picks = [rng.choice(lines) for _ in range(count)]
+        return [s[: rng.randint(1, len(s))] for s in picks], "prefixes of Diginetica test sessions"
+    return ([[str(rng.randint(1, N_ITEMS)) for _ in range(rng.randint(1, 9))] for _ in range(count)],
+            "random sessions of 1-9 clicks (Diginetica absent)")
+
+
+def encode(model: str, items: list[str], k: int = 20) -> bytes:
+    body = json.dumps({"model": model, "items": items, "k": k}, separators=(",", ":")).encode()
+    head = (f"POST /v1/recommend HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+class Conn:
+    """One keep-alive connection; `call` sends a pre-encoded request and reads one answer."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Conn:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def call(self, request: bytes) -> int:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        await self.reader.readexactly(length)
+        return int(head[9:12])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def summarise(latencies: list[float], errors: int, seconds: float) -> dict[str, float]:
+    lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "throughput_rps": round(len(latencies) / seconds, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "mean_ms": round(float(lat.mean()), 2),
+    }
+
+
+async def closed_loop(port: int, callers: int, requests: list[bytes], warmup: float, duration: float) -> dict:
+    conns = [await Conn.open(port) for _ in range(callers)]
+    start = time.perf_counter()
+    measure_from, measure_to = start + warmup, start + warmup + duration
+    latencies: list[float] = []
+    errors = 0
+
+    async def caller(n: int) -> None:
+        nonlocal errors
+        i = n
+        while (t0 := time.perf_counter()) < measure_to:
+            status = await conns[n].call(requests[i % len(requests)])
+            t1 = time.perf_counter()
+            if t0 >= measure_from:
+                if status == 200:
+                    latencies.append(t1 - t0)
+                else:
+                    errors += 1
+            i += callers
+
+    await asyncio.gather(*(caller(n) for n in range(callers)))
+    for c in conns:
+        c.close()
+    return summarise(latencies, errors, duration)
+
+
+async def open_loop(port: int, rate: float, requests: list[bytes], duration: float, timeout: float) -> dict:
+    """Poisson arrivals at `rate`/s; a request waits for no one, so latency includes queueing."""
+    rng = np.random.default_rng(0)
+    arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * duration * 1.2) + 10))
+    arrivals = arrivals[arrivals < duration]
+    idle: list[Conn] = [await Conn.open(port) for _ in range(64)]
+    latencies: list[float] = []
+    errors = timeouts = 0
+    start = time.perf_counter()
+
+    async def one(i: int, at: float) -> None:
+        nonlocal errors, timeouts
+        conn = idle.pop() if idle else await Conn.open(port)
+        try:
+            status = await asyncio.wait_for(conn.call(requests[i % len(requests)]), timeout)
+        except TimeoutError:
+            timeouts += 1
+            conn.close()
+            return
+        latencies.append(time.perf_counter() - (start + at))
+        errors += status != 200
+        idle.append(conn)
+
+    tasks = []
+    for i, at in enumerate(arrivals):
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, float(at))))
+    await asyncio.gather(*tasks)
+    for c in idle:
+        c.close()
+    result = summarise(latencies, errors, duration)
+    result |= {"offered_rps": rate, "timeouts": timeouts, "timeout_s": timeout}
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(db_url: str, store: Path, port: int, max_batch: int, max_delay: float) -> subprocess.Popen:
+    import urllib.request
+
+    cmd = [sys.executable, "-m", "abrec.cli", "model-server", "--db", db_url, "--store", str(store), "--port",
+           str(port), "--aliases", ",".join(MODELS), "--no-discover", "--max-batch", str(max_batch),
+           "--max-delay-ms", str(max_delay)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 300
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"model server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("model server not ready after 300 s")
+
+
+def server_status(port: int) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def plot(results: dict, path: Path) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Throughput (requests/s)", "p99 latency (ms)"))
+    for mode, colour in (("batched", "#1f77b4"), ("one_at_a_time", "#d62728")):
+        points = results["modes"][mode]["closed_loop"]
+        x = [int(c) for c in points]
+        fig.add_trace(go.Scatter(x=x, y=[p["throughput_rps"] for p in points.values()], name=mode,
+                                 line={"color": colour}), row=1, col=1)
+        fig.add_trace(go.Scatter(x=x, y=[p["p99_ms"] for p in points.values()], name=f"{mode} p99",
+                                 line={"color": colour, "dash": "dot"}, showlegend=False), row=1, col=2)
+    fig.add_hline(y=50, line_dash="dash", annotation_text="50 ms deadline", row=1, col=2)
+    fig.update_xaxes(type="log", title_text="concurrent callers")
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_layout(title="Model server: dynamic batching vs one request at a time (tron + sasrec, 43,097 "
+                      "items, d=200)", height=450)
+    fig.write_html(path, include_plotlyjs="cdn")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tron", type=Path, help="tron checkpoint (default: untrained, same size)")
+    parser.add_argument("--sasrec", type=Path, help="sasrec checkpoint (default: untrained, same size)")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
+    parser.add_argument("--open-rate", type=float, default=None,
+                        help="open-loop arrivals/s (default: half the batched throughput at 32 callers)")
+    parser.add_argument("--max-delay-ms", type=float, default=2.0)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()
+    sessions, session_source = request_sessions(4000)
+    requests = [encode(MODELS[i % 2], s) for i, s in enumerate(sessions)]
+    modes = {"batched": (args.max_batch, args.max_delay_ms), "one_at_a_time": (1, 0.0)}
+    results: dict = {"modes": {}}
+    rate = args.open_rate
+    with tempfile.TemporaryDirectory(prefix="abrec-serving-") as tmp:
+        db_url, store, sources = build_registry(Path(tmp), {"tron": args.tron, "sasrec": args.sasrec})
+        for mode, (max_batch, delay) in modes.items():
+            port = free_port()
+            proc = start_server(db_url, store, port, max_batch, delay)
+            try:
+                points = {}
+                for callers in tqdm(CALLERS, desc=f"{mode} closed loop"):
+                    points[str(callers)] = asyncio.run(
+                        closed_loop(port, callers, requests, args.warmup, args.duration))
+                # The same offered load for both modes: half what batching sustains at 32 callers.
+                rate = rate or round(0.5 * points["32"]["throughput_rps"])
+                tqdm.write(f"{mode}: open loop at {rate}/s")
+                open_point = asyncio.run(open_loop(port, rate, requests, args.duration * 2, timeout=5.0))
+                status = server_status(port)
+            finally:
+                stop_server(proc)
+            results["modes"][mode] = {
+                "max_batch": max_batch,
+                "max_delay_ms": delay,
+                "closed_loop": points,
+                "open_loop": open_point,
+                "memory_bytes": {label: info["memory_bytes"] for label, info in status["loaded"].items()},
+            }
+            for callers, p in points.items():
+                tqdm.write(f"  {mode:14s} {callers:>4} callers: {p['throughput_rps']:8.1f} req/s  "
+                           f"p50 {p['p50_ms']:7.2f} ms  p99 {p['p99_ms']:7.2f} ms  errors {p['errors']}")
+            tqdm.write(f"  {mode:14s} open loop {rate}/s: p50 {open_point['p50_ms']} ms "
+                       f"p99 {open_point['p99_ms']} ms timeouts {open_point['timeouts']}")
+    batched = results["modes"]["batched"]["closed_loop"]
+    single = results["modes"]["one_at_a_time"]["closed_loop"]
+    results |= {
+        "speedup_at_32": round(batched["32"]["throughput_rps"] / single["32"]["throughput_rps"], 2),
+        "p99_ms_at_32": batched["32"]["p99_ms"],
+        "speedup_at_128": round(batched["128"]["throughput_rps"] / single["128"]["throughput_rps"], 2),
+        "p99_ms_at_128": batched["128"]["p99_ms"],
+        "goal": ">= 8x one-at-a-time throughput at 32 callers with p99 <= 50 ms",
+        "checkpoints": sources,
+        "catalogue_items": N_ITEMS,
+        "request_sessions": session_source,
+        "k": 20,
+        "traffic": "callers alternate between tron@champion and sasrec@champion (both resident)",
+        "device": "cpu",
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "python": platform.python_version()},
+        "conditions": {"loadavg_before": [round(x, 2) for x in load_before],
+                       "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                       "note": "shared 2-core machine; other engineers' jobs were running"},
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "duration_s_per_point": args.duration,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out.with_suffix(".html"))
+    print(f"speedup at 32 callers: {results['speedup_at_32']}x, batched p99 {results['p99_ms_at_32']} ms "
+          f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
