@@ -506,7 +506,9 @@ def register_model(
             session.commit()
         except BaseException as exc:
             session.rollback()
-            store.delete(key)
+            # The key holds the sha256, so a concurrent registration of the same bytes may own it.
+            if session.scalar(select(ModelVersion.id).where(ModelVersion.artifact_key == key)) is None:
+                store.delete(key)
             if isinstance(exc, IntegrityError):
                 raise RegistryError(f"{name}:{number} was registered concurrently; try again") from None
             raise
