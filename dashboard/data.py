@@ -333,13 +333,16 @@ def phase_views(session: Session, experiment: Experiment, phase: Phase) -> Phase
     control = arms[0]
     snapshots = store.load_snapshots(session, phase.id)
     days = sorted({s.key for s in snapshots})
-    has_control = any(s.arm == control for s in snapshots)
     # N* of the confidence sequence: the planned total users (None treats each day as the final look).
     tuning = float(experiment.planned_users) if experiment.planned_users else None
-    lift = timeviews.cumulative_lift(snapshots, control, sequential_tuning=tuning) if has_control else []
+    # A lift needs impressions on both sides: an arm that has none yet (or a day without) is left out.
+    served = [s for s in snapshots if float(s.stats.sum_y) > 0]
+    lift: list[timeviews.LiftPoint] = []
+    if any(s.arm == control for s in served):
+        lift = timeviews.cumulative_lift(served, control, sequential_tuning=tuning)
     novelty: list[timeviews.LiftPoint] = []
     if days:
-        cohorts = store.load_novelty(session, phase.id, days[-1])
+        cohorts = [c for c in store.load_novelty(session, phase.id, days[-1]) if float(c.stats.sum_y) > 0]
         if any(c.arm == control for c in cohorts):
             novelty = timeviews.lift_by_exposure_day(cohorts, control)
 

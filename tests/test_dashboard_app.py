@@ -280,3 +280,83 @@ def test_plotly_is_served_by_the_app_and_pages_use_no_cdn(app):
     for path in ("/", "/registry", f"/experiments/{EXPERIMENT}"):
         html = client.get(path).get_data(as_text=True)
         assert not re.search(r'<(script|link)[^>]+(src|href)="(https?:)?//', html), path
+
+
+def test_pages_read_snapshots_never_raw_events(app):
+    """Page cost must not grow with the event log: no page touches impressions, clicks or exposures."""
+    from sqlalchemy import event
+
+    engine = app.extensions["abrec_engine"]
+    client = logged_in(app, "viewer")
+    raw_scan = re.compile(r"\b(from|join)\s+\"?(impressions|clicks|exposures)\b")
+
+    def statements_of(path: str) -> list[str]:
+        seen: list[str] = []
+        listener = lambda conn, cursor, statement, *args: seen.append(statement.lower())  # noqa: E731
+        event.listen(engine, "before_cursor_execute", listener)
+        try:
+            response = client.get(path)
+            assert response.status_code == 200, path
+            response.get_data()  # drain a streamed body inside the listener
+        finally:
+            event.remove(engine, "before_cursor_execute", listener)
+        return seen
+
+    for path in ("/", "/?status=running", "/registry", f"/experiments/{EXPERIMENT}",
+                 "/experiments/tron-challenger-ramp"):
+        statements = statements_of(path)
+        assert statements, path
+        assert [s for s in statements if raw_scan.search(s)] == [], path
+    # The one route allowed to read the log (the per-user export) is caught by the same check.
+    assert any(raw_scan.search(s) for s in statements_of(f"/experiments/{EXPERIMENT}/users.csv"))
+
+
+def test_experiment_page_shows_the_stored_report(app, seeded_url):
+    from abrec.analysis import store
+
+    exp_id = read(seeded_url, lambda s: service.get_experiment(s, EXPERIMENT).id)
+    day, report = read(seeded_url, lambda s: store.get_report(s, exp_id))
+    html = logged_in(app, "viewer").get(f"/experiments/{EXPERIMENT}").get_data(as_text=True)
+    tron = report["arms"]["tron"]
+    assert f"{100 * tron['ctr']:.2f}%" in html
+    assert f"{100 * tron['rel_lift']:+.1f}%" in html
+    assert f"{tron['users']:,.0f}" in html
+    assert day.isoformat() in html
+    for chart in ("chart-lift", "chart-daily-ctr", "chart-novelty", "chart-srm", "chart-power",
+                  "chart-latency"):
+        assert f'id="{chart}"' in html
+    # The stored report opens from the history.
+    response = logged_in(app, "viewer").get(f"/experiments/{EXPERIMENT}/reports/{day.isoformat()}")
+    assert response.status_code == 200
+    assert logged_in(app, "viewer").get(f"/experiments/{EXPERIMENT}/reports/2001-01-01").status_code == 404
+    assert logged_in(app, "viewer").get(f"/experiments/{EXPERIMENT}/reports/yesterday").status_code == 400
+
+
+def test_arm_without_traffic_is_shown_as_such(app):
+    html = logged_in(app, "viewer").get("/experiments/tron-challenger-ramp").get_data(as_text=True)
+    assert "no traffic yet" in html
+
+
+def test_per_user_csv_is_streamed_and_matches_the_log(app, seeded_url):
+    import csv
+    import io
+
+    from abrec.experiments.schema import Click, Exposure, Impression
+    from sqlalchemy import func, select
+
+    client = logged_in(app, "viewer")
+    response = client.get(f"/experiments/{EXPERIMENT}/users.csv")
+    assert response.status_code == 200 and response.mimetype == "text/csv"
+    assert response.is_streamed
+    assert "attachment" in response.headers["Content-Disposition"]
+    rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    exp_id = read(seeded_url, lambda s: service.get_experiment(s, EXPERIMENT).id)
+    counts = read(seeded_url, lambda s: [
+        s.scalar(select(func.count()).select_from(t).where(t.experiment_id == exp_id))
+        for t in (Exposure, Impression, Click)])
+    assert len(rows) == counts[0]
+    assert sum(int(r["impressions"]) for r in rows) == counts[1]
+    assert sum(int(r["clicks"]) for r in rows) == counts[2]
+    assert {r["arm"] for r in rows} == {"sasrec", "sasrec-ssm", "tron"}
+    assert client.get(f"/experiments/{EXPERIMENT}/users.csv?phase=9").status_code == 404
+    assert client.get("/experiments/gru4rec-baseline/users.csv").status_code == 404
