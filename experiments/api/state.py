@@ -160,7 +160,7 @@ class RecentImpressions:
             return info
         t = Impression.__table__
         query = select(
-            t.c.experiment_id, t.c.phase_id, t.c.user_id, t.c.arm_name, t.c.in_analysis, t.c.items
+            t.c.experiment_id, t.c.phase_id, t.c.user_id, t.c.arm_name, t.c.in_analysis, t.c["items"]
         ).where(t.c.id == row_id)
         try:
             with self.engine.connect() as conn:
