@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -389,9 +390,12 @@ def _build_blueprint():
         with tempfile.TemporaryDirectory(prefix="abrec-upload-") as tmp:
             path = Path(tmp) / "upload.safetensors"
             upload.save(path)
+            # An API process stays torch-free by validating in a child; one that already has torch
+            # (the single-process demo) validates in place.
+            in_place = "torch" in sys.modules
+            validate = registry.validate_checkpoint if in_place else registry.validate_in_subprocess
             row = registry.register_model(g.db, store(), path, name, actor=g.actor,
-                                          description=request.form.get("description", ""),
-                                          validate=registry.validate_in_subprocess)
+                                          description=request.form.get("description", ""), validate=validate)
         return jsonify(row.to_dict()), 201
 
     @bp.get("/aliases")

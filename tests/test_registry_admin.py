@@ -22,6 +22,16 @@ from abrec.db import init_db, make_engine, session_factory
 @pytest.fixture
 def env(db_url: str, tmp_path: Path, make_checkpoint):
     """A database with tron:1 and tron:2 registered and tron@champion -> tron:1."""
+    yield from _env(db_url, tmp_path, make_checkpoint)
+
+
+@pytest.fixture
+def sqlite_env(sqlite_url: str, tmp_path: Path, make_checkpoint):
+    """`env` on SQLite only, for the CLI and REST layers (the database work is tested on both)."""
+    yield from _env(sqlite_url, tmp_path, make_checkpoint)
+
+
+def _env(db_url: str, tmp_path: Path, make_checkpoint):
     engine = make_engine(db_url)
     init_db(engine)
     sessions = session_factory(engine)
@@ -101,8 +111,8 @@ def test_alias_move_without_live_experiments_needs_no_confirmation(env) -> None:
     assert outcome.move.changed and outcome.new_phases == {}
 
 
-def test_cli_register_list_show_alias(env, make_checkpoint, capsys) -> None:
-    sessions, store, url = env
+def test_cli_register_list_show_alias(sqlite_env, make_checkpoint, capsys) -> None:
+    sessions, store, url = sqlite_env
     _running_experiment(sessions)
     common = ["--db", url]
     path = make_checkpoint(seed=9)
@@ -135,8 +145,8 @@ def test_cli_register_list_show_alias(env, make_checkpoint, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["created_by"] == "carol"
 
 
-def test_cli_refuses_bad_input_with_a_message(env, tmp_path: Path, capsys) -> None:
-    _, store, url = env
+def test_cli_refuses_bad_input_with_a_message(sqlite_env, tmp_path: Path, capsys) -> None:
+    _, store, url = sqlite_env
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
     args = ["models", "register", str(bad), "--name", "tron", "--store", str(store.root), "--db", url]
@@ -149,10 +159,10 @@ def test_cli_refuses_bad_input_with_a_message(env, tmp_path: Path, capsys) -> No
 
 
 @pytest.fixture
-def api(env):
+def api(sqlite_env):
     from abrec.experiments.models_admin import models_admin_bp
 
-    sessions, store, _ = env
+    sessions, store, _ = sqlite_env
     with sessions() as s:
         identity.create_user(s, "vera", "password-123", "viewer", "admin")
         identity.create_user(s, "eddie", "password-123", "editor", "admin")

@@ -196,6 +196,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_model_server_command(sqlite_url: str, tmp_path: Path, make_checkpoint) -> None:
     engine, _, store = _registry(sqlite_url, tmp_path / "store", make_checkpoint)
     engine.dispose()
