@@ -83,9 +83,20 @@ def day_bounds(first: date, last: date, tz: str) -> list[datetime]:
 
 
 def _day_index(column: ColumnElement, bounds: Sequence[datetime]) -> ColumnElement:
-    """SQL: the index of the local day `column` falls in (0 = the first), NULL after the last."""
-    # Callers only pass rows at or after bounds[0]; the WHENs are tried in order.
-    return case(*[(column < end, i) for i, end in enumerate(bounds[1:])], else_=None)
+    """SQL: the index of the local day `column` falls in (0 = the first), NULL after the last.
+
+    A balanced tree of CASEs: log2(days) comparisons per row instead of one per day. Callers
+    only pass rows at or after bounds[0].
+    """
+
+    def tree(lo: int, hi: int) -> ColumnElement:  # the day lies in [lo, hi)
+        if hi - lo == 1:
+            return literal(lo)
+        mid = (lo + hi) // 2
+        return case((column < bounds[mid], tree(lo, mid)), else_=tree(mid, hi))
+
+    days = len(bounds) - 1
+    return case((column < bounds[-1], tree(0, days)), else_=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,33 +136,31 @@ class PhaseScope:
         )
 
 
-def _events(scope: PhaseScope):
-    """Impressions (y = 1) and clicks (x = 1) of the phase and the phases before it, as one relation."""
-
-    def part(table, is_click: int):
-        return select(
-            table.user_id,
-            table.phase_id,
-            table.in_analysis,
-            table.created_at,
-            literal(1 - is_click).label("y"),
-            literal(is_click).label("x"),
-        ).where(table.experiment_id == scope.experiment_id, table.phase_id.in_(scope.earlier_or_same))
-
-    return union_all(part(Impression, 0), part(Click, 1)).subquery("events")
-
-
-def _periods(scope: PhaseScope, ev, until: datetime) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
-    """SQL conditions on an event joined to its user's exposure: (metric period, pre-period)."""
+def _periods(scope: PhaseScope, table, until: datetime) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """SQL conditions on an event (impression or click) joined to its user's exposure: (metric, pre)."""
     post = and_(
-        ev.c.phase_id == scope.phase_id,
-        ev.c.in_analysis,
-        ev.c.created_at >= Exposure.first_seen_at,
-        ev.c.created_at < until,
+        table.phase_id == scope.phase_id,
+        table.in_analysis,
+        table.created_at >= Exposure.first_seen_at,
+        table.created_at < until,
     )
-    same_assignment = and_(ev.c.in_analysis, ev.c.phase_id.in_(scope.same_assignment))
-    pre = and_(ev.c.created_at < Exposure.first_seen_at, not_(same_assignment))
+    same_assignment = and_(table.in_analysis, table.phase_id.in_(scope.same_assignment))
+    pre = and_(table.created_at < Exposure.first_seen_at, not_(same_assignment))
     return post, pre
+
+
+def _joined(scope: PhaseScope, table, until: datetime):
+    """FROM events JOIN exposures: each impression or click of an exposed user, for one table.
+
+    Impressions and clicks are aggregated separately and only their small per-user results are
+    combined: a join onto a UNION of both would make SQLite materialise and index the union.
+    """
+    return (
+        select()
+        .select_from(table)
+        .join(Exposure, and_(Exposure.user_id == table.user_id, _exposed(scope, until)))
+        .where(table.experiment_id == scope.experiment_id, table.phase_id.in_(scope.earlier_or_same))
+    )
 
 
 def _exposed(scope: PhaseScope, until: datetime) -> ColumnElement[bool]:
@@ -165,26 +174,32 @@ def _exposed(scope: PhaseScope, until: datetime) -> ColumnElement[bool]:
 def user_rows_query(scope: PhaseScope, until: datetime | None = None):
     """SELECT unit_id, arm, impressions, clicks, pre_impressions, pre_clicks: one row per exposed user."""
     until = until or datetime.now(UTC)
-    ev = _events(scope)
-    post, pre = _periods(scope, ev, until)
 
-    def total(condition: ColumnElement[bool], column) -> ColumnElement:
-        return func.coalesce(func.sum(case((condition, column), else_=0)), 0)
-
-    return (
-        select(
-            Exposure.user_id.label("unit_id"),
-            Exposure.arm_name.label("arm"),
-            total(post, ev.c.y).label("impressions"),
-            total(post, ev.c.x).label("clicks"),
-            total(pre, ev.c.y).label("pre_impressions"),
-            total(pre, ev.c.x).label("pre_clicks"),
+    def per_user(table, is_click: bool):
+        post, pre = _periods(scope, table, until)
+        counts = [func.sum(case((post, 1), else_=0)), func.sum(case((pre, 1), else_=0))]
+        zeros = [literal(0), literal(0)]
+        y, py = zeros if is_click else counts
+        x, px = counts if is_click else zeros
+        return (
+            _joined(scope, table, until)
+            .add_columns(table.user_id, func.min(Exposure.arm_name), y, x, py, px)
+            .where(or_(post, pre))
+            .group_by(table.user_id)
         )
-        .select_from(Exposure)
-        .outerjoin(ev, ev.c.user_id == Exposure.user_id)
-        .where(_exposed(scope, until))
-        .group_by(Exposure.user_id, Exposure.arm_name)
-    )
+
+    # Exposed users without any event count too, with zeros.
+    everyone = select(Exposure.user_id, Exposure.arm_name, *[literal(0)] * 4).where(_exposed(scope, until))
+    parts = union_all(per_user(Impression, False), per_user(Click, True), everyone).subquery()
+    user, arm, y, x, py, px = parts.c
+    return select(
+        user.label("unit_id"),
+        func.min(arm).label("arm"),
+        func.sum(y).label("impressions"),
+        func.sum(x).label("clicks"),
+        func.sum(py).label("pre_impressions"),
+        func.sum(px).label("pre_clicks"),
+    ).group_by(user)
 
 
 def iter_user_rows(
@@ -269,26 +284,30 @@ def _arms(conn: Connection, experiment_id: int) -> list[str]:
 def _fill_user_days(conn: Connection, scope: PhaseScope, user_days: Table, bounds: list[datetime]) -> None:
     """The one pass over the log: counts per (exposed user, local day), plus one pre-period row."""
     until = bounds[-1]
-    ev = _events(scope)
-    post, pre = _periods(scope, ev, until)
-    day = case((pre, PRE_DAY), else_=_day_index(ev.c.created_at, bounds))
-    grouped = (
-        select(
-            Exposure.user_id,
-            Exposure.arm_name,
-            Exposure.first_seen_at,
-            day.label("day"),
-            func.sum(ev.c.x).label("x"),
-            func.sum(ev.c.y).label("y"),
+
+    def per_user_day(table, is_click: bool):
+        post, pre = _periods(scope, table, until)
+        day = case((pre, PRE_DAY), else_=_day_index(table.created_at, bounds))
+        count = func.count()
+        return (
+            _joined(scope, table, until)
+            .add_columns(
+                table.user_id.label("user_id"),
+                func.min(Exposure.arm_name).label("arm_name"),
+                func.min(Exposure.first_seen_at).label("first_seen_at"),
+                day.label("day"),
+                (count if is_click else literal(0)).label("x"),
+                (literal(0) if is_click else count).label("y"),
+            )
+            .where(or_(post, pre))
+            .group_by(table.user_id, day)
         )
-        .select_from(Exposure)
-        .join(ev, ev.c.user_id == Exposure.user_id)
-        .where(_exposed(scope, until), or_(post, pre))
-        .group_by(Exposure.user_id, Exposure.arm_name, Exposure.first_seen_at, day)
-        .subquery()
-    )
-    first_day = _day_index(grouped.c.first_seen_at, bounds)
-    rows = select(grouped.c.user_id, grouped.c.arm_name, first_day, grouped.c.day, grouped.c.x, grouped.c.y)
+
+    parts = union_all(per_user_day(Impression, False), per_user_day(Click, True)).subquery()
+    first_day = _day_index(func.min(parts.c.first_seen_at), bounds)
+    p = parts.c
+    rows = select(p.user_id, func.min(p.arm_name), first_day, p.day, func.sum(p.x), func.sum(p.y))
+    rows = rows.group_by(p.user_id, p.day)
     conn.execute(user_days.insert().from_select(["user_id", "arm_name", "first_day", "day", "x", "y"], rows))
 
 
@@ -334,7 +353,8 @@ def _increments(conn: Connection, user_days: Table) -> dict[tuple[str, int], dic
     """
     u = user_days.c
     in_period = u.day >= 0
-    by_user = {"partition_by": u.user_id}
+    # One window for all four sums (one sort): the pre-period row (day -1) comes first, so the
+    # running pre-period sums are the user's full pre-period on every later row.
     running = {"partition_by": u.user_id, "order_by": u.day, "rows": (None, 0)}
     per_row = (
         select(
@@ -344,8 +364,8 @@ def _increments(conn: Connection, user_days: Table) -> dict[tuple[str, int], dic
             u.y,
             func.sum(case((in_period, u.x), else_=0)).over(**running).label("cx"),
             func.sum(case((in_period, u.y), else_=0)).over(**running).label("cy"),
-            func.max(case((in_period, 0), else_=u.x)).over(**by_user).label("px"),
-            func.max(case((in_period, 0), else_=u.y)).over(**by_user).label("py"),
+            func.sum(case((in_period, 0), else_=u.x)).over(**running).label("px"),
+            func.sum(case((in_period, 0), else_=u.y)).over(**running).label("py"),
         )
     ).subquery()
     r = per_row.c
