@@ -150,6 +150,17 @@ class Batcher:
         except queue.Empty:
             return None
 
+    def _fill(self, batch: list[_Request], close_at: float) -> bool:
+        """Add queued requests until the batch is full or `close_at` passes; True on the stop mark."""
+        while len(batch) < self.max_batch:
+            item = self._take(close_at - time.perf_counter())
+            if item is None:
+                return False
+            if item is _STOP:
+                return True
+            batch.append(item)
+        return False
+
     def _loop(self) -> None:
         stopping = False
         while not stopping:
@@ -157,35 +168,22 @@ class Batcher:
             if first is _STOP:
                 break
             batch = [first]
-            close_at = first.t0 + self.max_delay_s
-            while len(batch) < self.max_batch:
-                item = self._take(close_at - time.perf_counter())
-                if item is None:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
+            stopping = self._fill(batch, first.t0 + self.max_delay_s)
             with self._device_lock:
-                while not stopping and len(batch) < self.max_batch:
-                    item = self._take(0)
-                    if item is None:
-                        break
-                    if item is _STOP:
-                        stopping = True
-                        break
-                    batch.append(item)
+                if not stopping:  # take what arrived while another model held the device
+                    stopping = self._fill(batch, 0.0)
                 # A caller that gave up (deadline) cancelled its future: don't compute for it.
                 live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-                if live:
-                    self._observe_batch(len(live))
-                    try:
-                        self._run(live)
-                    except Exception as exc:  # a model fault fails this batch, never the worker
-                        log.exception("batch of %d on %s failed", len(live), self.name)
-                        for r in live:
-                            if not r.future.done():
-                                r.future.set_exception(exc)
+                if not live:
+                    continue
+                self._observe_batch(len(live))
+                try:
+                    self._run(live)
+                except Exception as exc:  # a model fault fails this batch, never the worker
+                    log.exception("batch of %d on %s failed", len(live), self.name)
+                    for r in live:
+                        if not r.future.done():
+                            r.future.set_exception(exc)
 
 
 class LoadedVersion:
@@ -278,8 +276,11 @@ class ModelServer:
         max_delay_s: float = 0.002,
         poll_s: float = 1.0,
     ) -> None:
-        for ref in aliases:
-            parse_alias(ref) if "@" in ref else parse_version(ref)  # fail fast on a typo
+        for ref in aliases:  # fail fast on a typo
+            if "@" in ref:
+                parse_alias(ref)
+            else:
+                parse_version(ref)
         if max_batch < 1 or max_delay_s < 0:
             raise ValueError("max_batch must be >= 1 and max_delay_s >= 0")
         self.sessions = sessions
