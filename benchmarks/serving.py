@@ -5,12 +5,15 @@ resident in one `abrec model-server` process; callers alternate between the two 
 mode (batched: --max-batch 64 --max-delay-ms 2; one at a time: --max-batch 1) it measures
 throughput and p50/p99 latency with 1, 8, 32 and 128 closed-loop callers, and one open-loop point
 (Poisson arrivals at a fixed rate, latency counted from each request's scheduled arrival, so
-queueing shows). The load generator is one asyncio process speaking raw keep-alive HTTP/1.1 with
-pre-encoded requests, so it takes little of the CPU it measures.
+queueing shows). Both servers run side by side and the two modes take turns at every point over
+several rounds, so the background load of a shared machine falls on both alike. The load
+generator is one asyncio process speaking raw keep-alive HTTP/1.1 with pre-encoded requests, so it
+takes little of the CPU it measures.
 
-Checkpoints: `--tron` / `--sasrec` (e.g. the offline benchmark's), else untrained models of the
-same size (serving cost does not depend on the weights). Request sessions are prefixes of
-Diginetica test sessions when ../shared/data is present, else random ones of similar length.
+Checkpoints: `--tron` / `--sasrec`, by default the offline benchmark's (runs/offline/KIND/) when
+present, else untrained models of the same size (serving cost does not depend on the weights).
+Request sessions are prefixes of Diginetica test sessions when ../shared/data is present, else
+random ones of similar length.
 
     .venv/bin/python benchmarks/serving.py [--duration 5] [--tron PATH --sasrec PATH]
 """
@@ -38,6 +41,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DIGINETICA = ROOT.parent / "shared" / "data" / "diginetica"
+OFFLINE_RUNS = ROOT / "runs" / "offline"  # where benchmarks/offline.py leaves its checkpoints
 N_ITEMS = 43_097
 CALLERS = (1, 8, 32, 128)
 MODELS = ("tron@champion", "sasrec@champion")
@@ -125,9 +129,11 @@ class Conn:
         self.writer.close()
 
 
-def summarise(latencies: list[float], errors: int, seconds: float) -> dict[str, float]:
+def summarise(latencies: list[float], errors: int, seconds: float) -> dict:
     lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return {
+        "latencies_s": latencies,
+        "seconds": seconds,
         "requests": len(latencies),
         "errors": errors,
         "throughput_rps": round(len(latencies) / seconds, 1),
@@ -135,6 +141,16 @@ def summarise(latencies: list[float], errors: int, seconds: float) -> dict[str, 
         "p99_ms": round(float(np.percentile(lat, 99)), 2),
         "mean_ms": round(float(lat.mean()), 2),
     }
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One point from several rounds: all latencies together, throughput over the total time."""
+    latencies = [x for r in runs for x in r["latencies_s"]]
+    point = summarise(latencies, sum(r["errors"] for r in runs), sum(r["seconds"] for r in runs))
+    point.pop("latencies_s")
+    point.pop("seconds")
+    point["throughput_rps_by_round"] = [r["throughput_rps"] for r in runs]
+    return point
 
 
 async def closed_loop(port: int, callers: int, requests: list[bytes], warmup: float, duration: float) -> dict:
@@ -196,8 +212,8 @@ async def open_loop(port: int, rate: float, requests: list[bytes], duration: flo
     for c in idle:
         c.close()
     result = summarise(latencies, errors, duration)
-    result |= {"offered_rps": rate, "timeouts": timeouts, "timeout_s": timeout}
-    return result
+    del result["latencies_s"], result["seconds"]
+    return result | {"offered_rps": rate, "timeouts": timeouts, "timeout_s": timeout}
 
 
 def free_port() -> int:
@@ -265,9 +281,12 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tron", type=Path, help="tron checkpoint (default: untrained, same size)")
-    parser.add_argument("--sasrec", type=Path, help="sasrec checkpoint (default: untrained, same size)")
-    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
+    for kind in ("tron", "sasrec"):
+        trained = OFFLINE_RUNS / kind / "model.safetensors"
+        parser.add_argument(f"--{kind}", type=Path, default=trained if trained.exists() else None,
+                            help=f"{kind} checkpoint (default: the offline benchmark's, else untrained)")
+    parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per point and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the sweep")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
     parser.add_argument("--open-rate", type=float, default=None,
                         help="open-loop arrivals/s (default: half the batched throughput at 32 callers)")
@@ -280,37 +299,42 @@ def main() -> int:
     sessions, session_source = request_sessions(4000)
     requests = [encode(MODELS[i % 2], s) for i, s in enumerate(sessions)]
     modes = {"batched": (args.max_batch, args.max_delay_ms), "one_at_a_time": (1, 0.0)}
-    results: dict = {"modes": {}}
-    rate = args.open_rate
+    results: dict = {"modes": {m: {"max_batch": b, "max_delay_ms": d} for m, (b, d) in modes.items()}}
     with tempfile.TemporaryDirectory(prefix="abrec-serving-") as tmp:
         db_url, store, sources = build_registry(Path(tmp), {"tron": args.tron, "sasrec": args.sasrec})
-        for mode, (max_batch, delay) in modes.items():
-            port = free_port()
-            proc = start_server(db_url, store, port, max_batch, delay)
-            try:
-                points = {}
-                for callers in tqdm(CALLERS, desc=f"{mode} closed loop"):
-                    points[str(callers)] = asyncio.run(
-                        closed_loop(port, callers, requests, args.warmup, args.duration))
-                # The same offered load for both modes: half what batching sustains at 32 callers.
-                rate = rate or round(0.5 * points["32"]["throughput_rps"])
+        ports = {mode: free_port() for mode in modes}
+        procs = {}
+        try:
+            for mode, (max_batch, delay) in modes.items():
+                procs[mode] = start_server(db_url, store, ports[mode], max_batch, delay)
+            # Both servers stay up and the modes take turns at every point, in several rounds, so
+            # that the background load of this shared machine falls on both alike.
+            raw: dict = {(m, c): [] for m in modes for c in CALLERS}
+            steps = [(r, c, m) for r in range(args.rounds) for c in CALLERS for m in modes]
+            for _, callers, mode in tqdm(steps, desc="closed loop"):
+                raw[mode, callers].append(
+                    asyncio.run(closed_loop(ports[mode], callers, requests, args.warmup, args.duration)))
+            rate = args.open_rate or round(0.5 * pooled(raw["batched", 32])["throughput_rps"])
+            for mode in modes:
                 tqdm.write(f"{mode}: open loop at {rate}/s")
-                open_point = asyncio.run(open_loop(port, rate, requests, args.duration * 2, timeout=5.0))
-                status = server_status(port)
-            finally:
+                results["modes"][mode]["open_loop"] = asyncio.run(
+                    open_loop(ports[mode], rate, requests, args.duration * 2, timeout=5.0))
+                status = server_status(ports[mode])
+                results["modes"][mode]["memory_bytes"] = {
+                    label: info["memory_bytes"] for label, info in status["loaded"].items()}
+        finally:
+            for proc in procs.values():
                 stop_server(proc)
-            results["modes"][mode] = {
-                "max_batch": max_batch,
-                "max_delay_ms": delay,
-                "closed_loop": points,
-                "open_loop": open_point,
-                "memory_bytes": {label: info["memory_bytes"] for label, info in status["loaded"].items()},
-            }
-            for callers, p in points.items():
-                tqdm.write(f"  {mode:14s} {callers:>4} callers: {p['throughput_rps']:8.1f} req/s  "
-                           f"p50 {p['p50_ms']:7.2f} ms  p99 {p['p99_ms']:7.2f} ms  errors {p['errors']}")
-            tqdm.write(f"  {mode:14s} open loop {rate}/s: p50 {open_point['p50_ms']} ms "
-                       f"p99 {open_point['p99_ms']} ms timeouts {open_point['timeouts']}")
+    for mode in modes:
+        points = {str(c): pooled(raw[mode, c]) for c in CALLERS}
+        results["modes"][mode]["closed_loop"] = points
+        for callers, p in points.items():
+            tqdm.write(f"  {mode:14s} {callers:>4} callers: {p['throughput_rps']:8.1f} req/s  "
+                       f"p50 {p['p50_ms']:7.2f} ms  p99 {p['p99_ms']:7.2f} ms  errors {p['errors']}  "
+                       f"rounds {p['throughput_rps_by_round']}")
+        o = results["modes"][mode]["open_loop"]
+        tqdm.write(f"  {mode:14s} open loop {o['offered_rps']}/s: p50 {o['p50_ms']} ms p99 {o['p99_ms']} ms "
+                   f"timeouts {o['timeouts']}")
     batched = results["modes"]["batched"]["closed_loop"]
     single = results["modes"]["one_at_a_time"]["closed_loop"]
     results |= {
@@ -332,7 +356,8 @@ def main() -> int:
                        "note": "shared 2-core machine; other engineers' jobs were running"},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "duration_s_per_point": args.duration,
+        "duration_s_per_point": args.duration * args.rounds,
+        "rounds": args.rounds,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
