@@ -308,6 +308,7 @@ class Replay:
         self.max_items = max_items
         self.progress = progress
         self._lock = threading.Lock()
+        self.completed = 0  # impressions done so far (a test may watch it to strike mid-replay)
 
     def set_clock(self, when: datetime) -> None:
         self.client.post("/v1/admin/clock", {"now": when.isoformat()}, admin=True)
@@ -366,6 +367,7 @@ class Replay:
                     rec.clicks.append(item)
             out.append(rec)
             with self._lock:
+                self.completed += 1
                 bar.update(1)
         return out
 
