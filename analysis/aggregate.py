@@ -215,8 +215,14 @@ def iter_user_rows(
         user_rows_query(scope, until)
     )
     for row in result:
-        yield (row.unit_id, row.arm, int(row.impressions), int(row.clicks), int(row.pre_impressions),
-               int(row.pre_clicks))
+        yield (
+            row.unit_id,
+            row.arm,
+            int(row.impressions),
+            int(row.clicks),
+            int(row.pre_impressions),
+            int(row.pre_clicks),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +395,10 @@ def _increments(conn: Connection, user_days: Table) -> dict[tuple[str, int], dic
         .where(r.day >= 0)
         .group_by(r.arm_name, r.day)
     )
-    return {(row.arm_name, row.day): {k: float(v) for k, v in row._mapping.items() if k.startswith("sum")}
-            for row in conn.execute(query)}
+    return {
+        (row.arm_name, row.day): {k: float(v) for k, v in row._mapping.items() if k.startswith("sum")}
+        for row in conn.execute(query)
+    }
 
 
 def _cumulate(

@@ -125,8 +125,14 @@ def build_log(url: str, seed: int = 0, users: int = 120) -> Log:
     _insert(engine, exp_id, phase_ids, exposures, events)
     # A second experiment with the same users must never leak in.
     noise = [Event(f"u{u}", 1, True, uniform(PHASE_STARTS[2], END), False) for u in range(users)]
-    _insert(engine, other_id, [other_phase], {f"u{u}": ("control", PHASE_STARTS[2]) for u in range(users)},
-            noise, phase_override=other_phase)
+    _insert(
+        engine,
+        other_id,
+        [other_phase],
+        {f"u{u}": ("control", PHASE_STARTS[2]) for u in range(users)},
+        noise,
+        phase_override=other_phase,
+    )
     return Log(engine, exp_id, phase_ids, exposures, events)
 
 
@@ -136,22 +142,45 @@ def _insert(engine, exp_id, phase_ids, exposures, events, phase_override=None) -
     last_imp: dict[tuple[str, int, bool], str] = {}
     for e in sorted(events, key=lambda e: (e.is_click, e.at)):
         phase_id = phase_override or phase_ids[e.phase - 1]
-        common = dict(experiment_id=exp_id, phase_id=phase_id, user_id=e.user_id,
-                      arm_name=arm_of.get(e.user_id, "control"), in_analysis=e.in_analysis, created_at=e.at)
+        common = dict(
+            experiment_id=exp_id,
+            phase_id=phase_id,
+            user_id=e.user_id,
+            arm_name=arm_of.get(e.user_id, "control"),
+            in_analysis=e.in_analysis,
+            created_at=e.at,
+        )
         if not e.is_click:
             iid = uuid.uuid4().hex
             last_imp[(e.user_id, e.phase, e.in_analysis)] = iid
-            imp_rows.append(common | dict(id=iid, session_id="s", model_version="m:1", items=["a", "b"],
-                                          fallback=e.fallback, latency_ms=e.latency_ms))
+            imp_rows.append(
+                common
+                | dict(
+                    id=iid,
+                    session_id="s",
+                    model_version="m:1",
+                    items=["a", "b"],
+                    fallback=e.fallback,
+                    latency_ms=e.latency_ms,
+                )
+            )
         else:
             iid = last_imp.get((e.user_id, e.phase, e.in_analysis)) or imp_rows[-1]["id"]
             click_rows.append(common | dict(impression_id=iid, item_id=uuid.uuid4().hex[:8], position=0))
     with engine.begin() as conn:
-        conn.execute(insert(Exposure), [
-            dict(experiment_id=exp_id, phase_id=phase_override or phase_ids[2], user_id=u, arm_name=a,
-                 first_seen_at=fs)
-            for u, (a, fs) in exposures.items()
-        ])
+        conn.execute(
+            insert(Exposure),
+            [
+                dict(
+                    experiment_id=exp_id,
+                    phase_id=phase_override or phase_ids[2],
+                    user_id=u,
+                    arm_name=a,
+                    first_seen_at=fs,
+                )
+                for u, (a, fs) in exposures.items()
+            ],
+        )
         conn.execute(insert(Impression), imp_rows)
         if click_rows:
             conn.execute(insert(Click), click_rows)
@@ -203,8 +232,15 @@ def truth_novelty(log: Log, last_day: date) -> dict[int, dict[str, ArmStats]]:
                 if a != arm or (local(fs) + timedelta(days=k)) > last_day:
                     continue
                 day = local(fs) + timedelta(days=k)
-                mine = [e for e in log.events if e.user_id == uid and e.phase == 3 and e.in_analysis
-                        and e.at >= fs and local(e.at) == day]
+                mine = [
+                    e
+                    for e in log.events
+                    if e.user_id == uid
+                    and e.phase == 3
+                    and e.in_analysis
+                    and e.at >= fs
+                    and local(e.at) == day
+                ]
                 xs.append(sum(e.is_click for e in mine))
                 ys.append(sum(not e.is_click for e in mine))
             if xs:

@@ -1,0 +1,406 @@
+"""Benchmark `report`: the nightly report over 1M and 10M impressions on SQLite and PostgreSQL.
+
+For each size a synthetic event log (about 10 impressions per user, clicks clustered by user,
+a 3 % true lift, 10 % of users with a pre-period in an earlier phase, 14 days in
+Europe/Berlin) is bulk-loaded (executemany in large transactions on SQLite, COPY on PostgreSQL;
+not timed), then the report for the last day runs in a fresh subprocess, which reports its wall
+time and peak RSS. Baseline in the same run: the naive way, every event row of the phase loaded
+into Python and summed per user there, on the 1M log.
+
+    nice -n 10 .venv/bin/python benchmarks/report.py                 # 1M and 10M, both databases
+    .venv/bin/python benchmarks/report.py --sizes 1m --backends sqlite
+
+Writes benchmarks/results/report.json (keys sqlite_1m_s, sqlite_10m_s, postgres_1m_s,
+postgres_10m_s, peak_rss_mb, baseline_*) and benchmarks/results/report.html (time vs size).
+Databases live under /tmp (SQLite files, PostgreSQL databases abrec_bench_report_*) and are
+deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PG_ADMIN = "postgresql://root@127.0.0.1:5432/test"
+TZ = "Europe/Berlin"
+START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # phase 1 (pre-period), 2 days; then phase 2, 12 days
+DAYS = 14
+LAST_DAY = date(2026, 3, 15)
+SIZES = {"1m": 1_000_000, "10m": 10_000_000}
+CHUNK_USERS = 50_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic log
+
+
+def setup_experiment(url: str) -> tuple[int, list[int]]:
+    """Schema, a running experiment in Europe/Berlin with two phases; returns (id, phase ids)."""
+    from abrec.experiments import service
+    from abrec.experiments.schema import Phase
+    from sqlalchemy import select
+
+    from abrec.db import init_db, make_engine, session_factory, session_scope
+
+    engine = make_engine(url)
+    init_db(engine)
+    with session_scope(session_factory(engine)) as s:
+        exp = service.create_experiment(
+            s,
+            key="bench",
+            arms=[
+                service.ArmSpec("sasrec", 1, "sasrec@champion"),
+                service.ArmSpec("tron", 1, "tron@champion"),
+            ],
+            actor="bench",
+            timezone=TZ,
+            planned_users=2_000_000,
+        )
+        service.start(s, "bench", "bench")
+        service.start_new_phase(s, "bench", "reweigh", "bench", reseed=True)
+        phases = list(s.scalars(select(Phase).where(Phase.experiment_id == exp.id).order_by(Phase.number)))
+        phases[0].started_at, phases[1].started_at = START, START + timedelta(days=2)
+        phases[0].ended_at = phases[1].started_at
+        exp.started_at = START
+        ids = (exp.id, [p.id for p in phases])
+    engine.dispose()
+    return ids
+
+
+def chunks(impressions: int, seed: int = 0):
+    """Yield (exposures, impressions, clicks) row lists for chunks of users, sized to `impressions`."""
+    rng = np.random.default_rng(seed)
+    users = impressions // 10
+    t0 = np.datetime64(START.replace(tzinfo=None), "us")
+    phase2 = t0 + np.timedelta64(2, "D")
+    end = t0 + np.timedelta64(DAYS, "D") - np.timedelta64(3, "h")
+    span = (end - phase2) / np.timedelta64(1, "us")
+    imp_no = 0
+    for first in range(0, users, CHUNK_USERS):
+        n = min(CHUNK_USERS, users - first)
+        uid = np.array([f"user{first + i}" for i in range(n)], dtype=object)
+        arm = rng.integers(0, 2, n)
+        # Most users arrive early; activity is heavy-tailed; propensities cluster clicks by user.
+        fs = phase2 + (rng.beta(1, 3, n) * span).astype("timedelta64[us]")
+        post = 1 + rng.poisson(rng.gamma(1.0, 8.5, n))
+        pre = np.where(rng.random(n) < 0.1, rng.poisson(5, n), 0)
+        p = 0.5 * rng.beta(0.4, 3.6, n) * np.where(arm == 1, 1.03, 1.0)
+        owner = np.repeat(np.arange(n), post)
+        left = (end - fs[owner]) / np.timedelta64(1, "us")
+        at = fs[owner] + (rng.random(owner.size) * left).astype("timedelta64[us]")
+        at[np.r_[0, np.cumsum(post)[:-1]]] = fs  # the first impression comes with the exposure
+        pre_owner = np.repeat(np.arange(n), pre)
+        pre_at = t0 + (rng.random(pre_owner.size) * 2 * 86400e6).astype("timedelta64[us]")
+        rows_owner = np.concatenate([owner, pre_owner])
+        rows_at = np.concatenate([at, pre_at])
+        rows_phase = np.concatenate([np.full(owner.size, 2), np.full(pre_owner.size, 1)])
+        clicked = rng.random(rows_owner.size) < p[rows_owner]
+        latency = rng.lognormal(3.0, 0.5, rows_owner.size).round(2)
+        fallback = rng.random(rows_owner.size) < 0.005
+        ids = [f"{imp_no + i:032x}" for i in range(rows_owner.size)]
+        imp_no += rows_owner.size
+        at_text = np.datetime_as_string(rows_at, unit="us")
+        click_at_text = np.datetime_as_string(rows_at + np.timedelta64(30, "s"), unit="us")
+        fs_text = np.datetime_as_string(fs, unit="us")
+        exposures = [(str(uid[i]), int(arm[i]), fs_text[i]) for i in range(n)]
+        imps = [
+            (
+                ids[i],
+                int(rows_phase[i]),
+                str(uid[rows_owner[i]]),
+                int(arm[rows_owner[i]]),
+                bool(fallback[i]),
+                float(latency[i]),
+                at_text[i],
+            )
+            for i in range(rows_owner.size)
+        ]
+        clicks = [
+            (ids[i], int(rows_phase[i]), str(uid[rows_owner[i]]), int(arm[rows_owner[i]]), click_at_text[i])
+            for i in np.flatnonzero(clicked)
+        ]
+        yield exposures, imps, clicks
+
+
+def load_sqlite(path: Path, impressions: int) -> None:
+    import sqlite3
+
+    url = f"sqlite:///{path}"
+    exp_id, phases = setup_experiment(url)
+    arms = ("sasrec", "tron")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("PRAGMA cache_size=-1000000")
+
+    def ts(text: str) -> str:
+        return text.replace("T", " ")
+
+    with tqdm(total=impressions, unit="imp", desc=f"sqlite {path.name}") as bar:
+        for exposures, imps, clicks in chunks(impressions):
+            conn.executemany(
+                "INSERT INTO exposures (experiment_id, phase_id, user_id, arm_name, first_seen_at) "
+                "VALUES (?,?,?,?,?)",
+                [(exp_id, phases[1], u, arms[a], ts(t)) for u, a, t in exposures],
+            )
+            conn.executemany(
+                "INSERT INTO impressions (id, experiment_id, phase_id, user_id, session_id, arm_name, "
+                "model_version, items, fallback, latency_ms, in_analysis, created_at) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        i,
+                        exp_id,
+                        phases[ph - 1],
+                        u,
+                        u,
+                        arms[a],
+                        arms[a] + ":1",
+                        '["a","b"]',
+                        f,
+                        lat,
+                        ph == 2,
+                        ts(t),
+                    )
+                    for i, ph, u, a, f, lat, t in imps
+                ],
+            )
+            conn.executemany(
+                "INSERT INTO clicks (impression_id, experiment_id, phase_id, user_id, arm_name, item_id, "
+                "position, in_analysis, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                [
+                    (i, exp_id, phases[ph - 1], u, arms[a], "a", 0, ph == 2, ts(t))
+                    for i, ph, u, a, t in clicks
+                ],
+            )
+            conn.commit()
+            bar.update(len(imps))
+    conn.execute("ANALYZE")
+    conn.close()
+
+
+def load_postgres(dbname: str, impressions: int) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{dbname}"')
+    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + dbname
+    exp_id, phases = setup_experiment(url)
+    arms = ("sasrec", "tron")
+    with psycopg.connect(url) as conn, tqdm(total=impressions, unit="imp", desc=f"postgres {dbname}") as bar:
+        conn.execute("SET TIME ZONE 'UTC'")
+        for exposures, imps, clicks in chunks(impressions):
+            with conn.cursor() as cur:
+                with cur.copy(
+                    "COPY exposures (experiment_id, phase_id, user_id, arm_name, first_seen_at) FROM STDIN"
+                ) as copy:
+                    for u, a, t in exposures:
+                        copy.write_row((exp_id, phases[1], u, arms[a], t))
+                with cur.copy(
+                    "COPY impressions (id, experiment_id, phase_id, user_id, session_id, arm_name, "
+                    "model_version, items, fallback, latency_ms, in_analysis, created_at) FROM STDIN"
+                ) as copy:
+                    for i, ph, u, a, f, lat, t in imps:
+                        copy.write_row(
+                            (
+                                i,
+                                exp_id,
+                                phases[ph - 1],
+                                u,
+                                u,
+                                arms[a],
+                                arms[a] + ":1",
+                                '["a","b"]',
+                                f,
+                                lat,
+                                ph == 2,
+                                t,
+                            )
+                        )
+                with cur.copy(
+                    "COPY clicks (impression_id, experiment_id, phase_id, user_id, arm_name, item_id, "
+                    "position, in_analysis, created_at) FROM STDIN"
+                ) as copy:
+                    for i, ph, u, a, t in clicks:
+                        copy.write_row((i, exp_id, phases[ph - 1], u, arms[a], "a", 0, ph == 2, t))
+            conn.commit()
+            bar.update(len(imps))
+        conn.execute("ANALYZE")
+        conn.commit()
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured runs (each in a fresh subprocess, so that peak RSS is the run's own)
+
+
+def measure_report(url: str) -> dict:
+    from abrec.analysis.report import run_report
+
+    from abrec.db import make_engine
+
+    engine = make_engine(url)
+    t = time.perf_counter()
+    report = run_report(engine, "bench", LAST_DAY)
+    wall = time.perf_counter() - t
+    users = sum(a["users"] for a in report["arms"].values())
+    return {"wall_s": wall, "users": users, "verdict": report["decision"]["verdict"]}
+
+
+def measure_naive(url: str) -> dict:
+    """Baseline: fetch every event row of the phase into Python and sum per user there."""
+    from abrec.analysis.stats import ArmStats
+    from abrec.experiments.schema import Click, Exposure, Impression, Phase
+    from sqlalchemy import select
+
+    from abrec.db import make_engine
+
+    engine = make_engine(url)
+    t = time.perf_counter()
+    with engine.connect() as conn:
+        phase_id = conn.execute(select(Phase.id).where(Phase.number == 2)).scalar_one()
+        exposures = {
+            u: (a, fs)
+            for u, a, fs in conn.execute(
+                select(Exposure.user_id, Exposure.arm_name, Exposure.first_seen_at).where(
+                    Exposure.phase_id == phase_id
+                )
+            )
+        }
+        totals: dict[str, list[int]] = {}
+        for table, col in ((Impression, 0), (Click, 1)):
+            rows = conn.execute(
+                select(table.user_id, table.created_at, table.in_analysis).where(table.phase_id == phase_id)
+            ).all()
+            for user, at, analysed in rows:
+                if analysed and user in exposures and at >= exposures[user][1]:
+                    totals.setdefault(user, [0, 0])[col] += 1
+    per_arm: dict[str, list[list[int]]] = {}
+    for user, (arm, _) in exposures.items():
+        per_arm.setdefault(arm, []).append(totals.get(user, [0, 0]))
+    stats = {a: ArmStats.from_arrays(np.array(v)[:, 1], np.array(v)[:, 0]) for a, v in per_arm.items()}
+    wall = time.perf_counter() - t
+    return {"wall_s": wall, "users": sum(s.n for s in stats.values())}
+
+
+def run_child(kind: str, url: str) -> dict:
+    code = (
+        "import json, resource, sys; sys.path.insert(0, 'benchmarks'); import report as b; "
+        f"r = b.measure_{kind}({url!r}); "
+        "r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1m,10m")
+    parser.add_argument("--backends", default="sqlite,postgres")
+    parser.add_argument("--workdir", default="/tmp/abrec-bench-report")
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    out_path = RESULTS / "report.json"
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    results.update(
+        {
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+            },
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        }
+    )
+    runs = results.setdefault("runs", {})
+    for backend in args.backends.split(","):
+        for size in args.sizes.split(","):
+            n = SIZES[size]
+            if backend == "sqlite":
+                path = work / f"report_{size}.db"
+                for p in work.glob(f"report_{size}.db*"):
+                    p.unlink()
+                load_sqlite(path, n)
+                url = f"sqlite:///{path}"
+            else:
+                dbname = f"abrec_bench_report_{size}"
+                load_postgres(dbname, n)
+                url = (
+                    PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+                    + "/"
+                    + dbname
+                )
+            try:
+                run = run_child("report", url)
+                print(f"{backend} {size}: report {run}", flush=True)
+                results[f"{backend}_{size}_s"] = round(run["wall_s"], 2)
+                runs[f"{backend}_{size}"] = run
+                if size == "1m" and not args.no_baseline:
+                    naive = run_child("naive", url)
+                    print(f"{backend} {size}: naive {naive}", flush=True)
+                    runs[f"{backend}_{size}_naive"] = naive
+                    results[f"baseline_naive_{backend}_{size}_s"] = round(naive["wall_s"], 2)
+            finally:
+                if backend == "sqlite":
+                    for p in work.glob(f"report_{size}.db*"):
+                        p.unlink()
+                else:
+                    import psycopg
+
+                    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+                        admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    results["peak_rss_mb"] = round(max(r["peak_rss_mb"] for k, r in runs.items() if "naive" not in k), 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results)
+    print(json.dumps(results, indent=2))
+
+
+def plot(results: dict) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for backend in ("sqlite", "postgres"):
+        xs = [n for size, n in SIZES.items() if f"{backend}_{size}_s" in results]
+        ys = [results[f"{backend}_{size}_s"] for size in SIZES if f"{backend}_{size}_s" in results]
+        if xs:
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"{backend}: report"))
+        if f"baseline_naive_{backend}_1m_s" in results:
+            fig.add_trace(
+                go.Scatter(
+                    x=[1_000_000],
+                    y=[results[f"baseline_naive_{backend}_1m_s"]],
+                    mode="markers",
+                    name=f"{backend}: naive (rows into Python)",
+                    marker_symbol="x",
+                    marker_size=12,
+                )
+            )
+    fig.update_layout(
+        title="Nightly report wall time vs impressions",
+        xaxis_title="impressions",
+        xaxis_type="log",
+        yaxis_title="seconds",
+        yaxis_type="log",
+    )
+    fig.write_html(RESULTS / "report.html", include_plotlyjs="cdn")
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    main()
