@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,8 +171,9 @@ def run_demo(args: argparse.Namespace) -> int:
         step(7, "analysing the logged events: measured CTR and lift against the offline prediction")
         ok = check_against_prediction(engine, key, result, predictions, until)
 
-        step(8, "nightly job: daily snapshots and the report")
-        run_report(engine, key, until)
+        step(8, "nightly job: daily snapshots and the report of every simulated day")
+        nightly_reports(engine, key, (until - timedelta(days=args.days)).date(), args.days,
+                        workdir / "report.html")
         engine.dispose()
 
         minutes = (time.monotonic() - t_start) / 60
@@ -305,7 +307,7 @@ def start_services(stack: ExitStack, workdir: Path, db_url: str, settings) -> st
 def replay(dataset, checkpoints: dict[str, Path], api_url: str, key: str, token: str,
            args: argparse.Namespace):
     """Replay the test sessions; -> (result, offline predictions per arm, end of the simulated log)."""
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, datetime
 
     from abrec.experiments.simulate import (
         ApiClient,
@@ -349,8 +351,9 @@ def check_against_prediction(engine, key: str, result, predictions, until) -> bo
 
     from abrec.analysis.stats import ArmStats, compare, ctr_variance
 
-    stats = {arm: ArmStats.from_arrays(table[:, 1], table[:, 0])
-             for arm, (_units, table) in user_table(engine, key, until).items()}
+    tables = user_table(engine, key, until)
+    order = [a for a in predictions if a in tables] + [a for a in tables if a not in predictions]
+    stats = {arm: ArmStats.from_arrays(tables[arm][1][:, 1], tables[arm][1][:, 0]) for arm in order}
     ok = True
     # 95% intervals are shown; the pass/fail check uses 99.9% ones, so that five checks at once
     # fail by chance with probability below 0.5% instead of about 20%.
@@ -384,5 +387,16 @@ def check_against_prediction(engine, key: str, result, predictions, until) -> bo
     return ok
 
 
-def run_report(engine, key: str, until) -> None:
-    print("  (the report step lands with analysis/report)")
+def nightly_reports(engine, key: str, first_day, days: int, html_path: Path) -> dict[str, Any]:
+    """What `abrec scheduler` does each night, for every simulated day: snapshot the day and store
+    its report (so the dashboard's time views have one point per day); the last one is printed
+    and written as standalone HTML. -> the last report."""
+    from abrec.analysis.report import render_html, run_report, summary_text
+
+    report: dict[str, Any] = {}
+    for d in range(days):
+        report = run_report(engine, key, first_day + timedelta(days=d))
+    print("  " + summary_text(report).replace("\n", "\n  "))
+    html_path.write_text(render_html(report))
+    print(f"  stored {days} nightly reports; the last one also as {html_path}")
+    return report

@@ -8,6 +8,7 @@ or PostgreSQL, shoppers replayed concurrently over HTTP.
   database exactly once, in the right arm.
 - One model arm raises on every request: its shoppers get the fallback slate (marked, counted,
   logged as "popular"), the other arm is untouched, and the nightly report flags the fallbacks.
+  (The fault is injected into the model server's scoring for that arm's model only.)
 - The database is cut off for a few seconds by a TCP proxy: recommendations keep flowing
   (unlogged), clicks wait and retry, no partial rows appear, and logging resumes in the same process.
 """
@@ -197,6 +198,18 @@ def test_a_failing_arm_serves_the_fallback_and_the_other_arm_is_untouched(
     assert_acknowledged_events_logged_once(result, sqlite_url)
     impressions, _clicks, _exposures = logged_rows(sqlite_url)
     assert {r.arm_name for r in impressions.values() if r.fallback} == {"treatment"}
+
+    # The nightly report flags it.
+    from abrec.analysis.report import run_report
+
+    engine = make_engine(sqlite_url)
+    last_day = max(row.created_at for row in impressions.values()).date()  # UTC, the experiment's zone
+    report = run_report(engine, "exp", last_day)
+    engine.dispose()
+    assert report["arms"]["treatment"]["health"]["fallback_rate"] == 1.0
+    assert report["arms"]["control"]["health"]["fallbacks"] == 0
+    assert any(w.startswith(f"treatment: {treatment.impressions} fallback slates served")
+               for w in report["warnings"]), report["warnings"]
 
 
 @pytest.mark.postgres
