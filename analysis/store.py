@@ -182,10 +182,10 @@ def save_snapshots(
 
 def load_snapshots(db: Executor, phase_id: int, until: date | None = None) -> list[Snapshot]:
     """Cumulative snapshots of a phase (key = the date), oldest first: input of the time views."""
-    query = select(AnalysisSnapshot).where(AnalysisSnapshot.phase_id == phase_id)
+    query = select(AnalysisSnapshot.__table__).where(AnalysisSnapshot.phase_id == phase_id)
     if until is not None:
         query = query.where(AnalysisSnapshot.day <= until)
-    rows = db.execute(query.order_by(AnalysisSnapshot.day, AnalysisSnapshot.arm_name)).scalars()
+    rows = db.execute(query.order_by(AnalysisSnapshot.day, AnalysisSnapshot.arm_name))
     return [Snapshot(r.day, r.arm_name, ArmStats(**{f: getattr(r, f) for f in STAT_FIELDS})) for r in rows]
 
 
@@ -219,10 +219,10 @@ def save_novelty(
 def load_novelty(db: Executor, phase_id: int, day: date) -> list[Snapshot]:
     """The novelty view stored as of `day` (key = days since first exposure), for `lift_by_exposure_day`."""
     rows = db.execute(
-        select(AnalysisNovelty)
+        select(AnalysisNovelty.__table__)
         .where(AnalysisNovelty.phase_id == phase_id, AnalysisNovelty.day == day)
         .order_by(AnalysisNovelty.days_since_exposure, AnalysisNovelty.arm_name)
-    ).scalars()
+    )
     return [
         Snapshot(r.days_since_exposure, r.arm_name, ArmStats(**{f: getattr(r, f) for f in NOVELTY_FIELDS}))
         for r in rows
@@ -278,10 +278,10 @@ def load_health(db: Executor, phase_id: int) -> dict[date, dict[str, Health]]:
     """Daily serving health of a phase: {day: {arm: Health}}, oldest first."""
     out: dict[date, dict[str, Health]] = {}
     rows = db.execute(
-        select(AnalysisHealth)
+        select(AnalysisHealth.__table__)
         .where(AnalysisHealth.phase_id == phase_id)
         .order_by(AnalysisHealth.day, AnalysisHealth.arm_name)
-    ).scalars()
+    )
     for r in rows:
         out.setdefault(r.day, {})[r.arm_name] = Health(
             r.impressions, r.fallbacks, r.latency_p50_ms, r.latency_p99_ms, r.errors
