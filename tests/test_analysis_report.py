@@ -1,5 +1,6 @@
-"""The nightly report: figures equal the statistics on a plain-Python truth, idempotent per (experiment, date),
-stored snapshots, warnings, standalone HTML, and the `abrec report` / `abrec export-users` commands."""
+"""The nightly report: figures equal the statistics on a plain-Python truth, idempotent per
+(experiment, date), stored snapshots, warnings, standalone HTML, and the `abrec report` and
+`abrec export-users` commands."""
 
 from __future__ import annotations
 
@@ -53,9 +54,13 @@ def test_report_figures_match_the_statistics_on_the_truth(log):
 
 def test_report_is_idempotent_per_experiment_and_date(log):
     first = report.run_report(log.engine, "home", DAY)
-    counts = [count(log.engine, t) for t in (store.AnalysisReport, store.AnalysisSnapshot, store.AnalysisHealth)]
+    counts = [
+        count(log.engine, t) for t in (store.AnalysisReport, store.AnalysisSnapshot, store.AnalysisHealth)
+    ]
     second = report.run_report(log.engine, "home", DAY)
-    assert [count(log.engine, t) for t in (store.AnalysisReport, store.AnalysisSnapshot, store.AnalysisHealth)] == counts
+    assert [
+        count(log.engine, t) for t in (store.AnalysisReport, store.AnalysisSnapshot, store.AnalysisHealth)
+    ] == counts
     assert counts[0] == 1
     strip = lambda r: {k: v for k, v in r.items() if k != "generated_at"}  # noqa: E731
     assert strip(first) == strip(second)
@@ -76,7 +81,9 @@ def test_stored_snapshots_and_novelty_feed_the_time_views(log):
         novelty = store.load_novelty(conn, log.phase_id, DAY)
         health = store.load_health(conn, log.phase_id)
     first = local(PHASE_STARTS[2])
-    assert sorted({s.key for s in snaps}) == [first + timedelta(days=i) for i in range((DAY - first).days + 1)]
+    assert sorted({s.key for s in snaps}) == [
+        first + timedelta(days=i) for i in range((DAY - first).days + 1)
+    ]
     for s in snaps:
         want = truth_arm_stats(log, s.key)[s.arm]
         for name, value in want.to_dict().items():
@@ -87,10 +94,23 @@ def test_stored_snapshots_and_novelty_feed_the_time_views(log):
 
 def _context(**overrides) -> report.ReportContext:
     values = dict(
-        experiment_id=1, key="k", name="", hypothesis="", primary_metric="ctr", status="running", timezone="UTC",
-        arms=("control", "treatment"), weights={"control": 0.5, "treatment": 0.5}, phase_id=1, phase_number=1,
-        phase_started_at=datetime(2026, 1, 1, tzinfo=UTC), day=date(2026, 1, 10), planned_users=20000,
-        target_effect=0.05, min_runtime_days=7, planned_end_at=None,
+        experiment_id=1,
+        key="k",
+        name="",
+        hypothesis="",
+        primary_metric="ctr",
+        status="running",
+        timezone="UTC",
+        arms=("control", "treatment"),
+        weights={"control": 0.5, "treatment": 0.5},
+        phase_id=1,
+        phase_number=1,
+        phase_started_at=datetime(2026, 1, 1, tzinfo=UTC),
+        day=date(2026, 1, 10),
+        planned_users=20000,
+        target_effect=0.05,
+        min_runtime_days=7,
+        planned_end_at=None,
     )
     return report.ReportContext(**(values | overrides))
 
@@ -105,15 +125,21 @@ def _arm(n: float, ctr: float, lift: float = 0.0) -> ArmStats:
     return ArmStats.from_arrays(x, y)
 
 
-def _aggregate(arms: dict[str, ArmStats], health: dict[str, store.Health], day: date) -> aggregate.PhaseAggregate:
-    return aggregate.PhaseAggregate(days=[day], snapshots={day: arms}, novelty={}, health={day: health},
-                                    health_total=health)
+def _aggregate(
+    arms: dict[str, ArmStats], health: dict[str, store.Health], day: date
+) -> aggregate.PhaseAggregate:
+    return aggregate.PhaseAggregate(
+        days=[day], snapshots={day: arms}, novelty={}, health={day: health}, health_total=health
+    )
 
 
 def test_warnings_srm_fallbacks_and_guardrail_rollback():
     ctx = _context()
     arms = {"control": _arm(10000, 0.05), "treatment": _arm(11000, 0.05)}
-    health = {"control": store.Health(100000, 0, 20.0, 60.0), "treatment": store.Health(110000, 2200, 22.0, 400.0)}
+    health = {
+        "control": store.Health(100000, 0, 20.0, 60.0),
+        "treatment": store.Health(110000, 2200, 22.0, 400.0),
+    }
     r = report.build_report(ctx, _aggregate(arms, health, ctx.day))
     text = " ".join(r["warnings"])
     assert "Sample-ratio mismatch" in text and r["srm"]["alert"]
@@ -127,7 +153,10 @@ def test_a_clear_winner_ships_after_the_minimum_runtime():
     arms = {"control": _arm(20000, 0.05), "treatment": _arm(20001, 0.05, lift=0.3)}
     health = {a: store.Health(200000, 0, 20.0, 60.0) for a in arms}
     early = _context(day=date(2026, 1, 3))
-    assert report.build_report(early, _aggregate(arms, health, early.day))["decision"]["verdict"] == "keep running"
+    assert (
+        report.build_report(early, _aggregate(arms, health, early.day))["decision"]["verdict"]
+        == "keep running"
+    )
     ctx = _context()
     r = report.build_report(ctx, _aggregate(arms, health, ctx.day))
     assert r["decision"] == {"verdict": "ship", "arm": "treatment", "reasons": r["decision"]["reasons"]}
@@ -168,7 +197,12 @@ def test_cli_export_users_streams_the_per_user_table(log, db_url, tmp_path):
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["unit_id", "arm", "impressions", "clicks", "pre_impressions", "pre_clicks"]
-    got = {r["unit_id"]: (r["arm"], *(int(r[k]) for k in ("impressions", "clicks", "pre_impressions", "pre_clicks")))
-           for r in rows}
+    got = {
+        r["unit_id"]: (
+            r["arm"],
+            *(int(r[k]) for k in ("impressions", "clicks", "pre_impressions", "pre_clicks")),
+        )
+        for r in rows
+    }
     assert got == truth_users(log)
     assert main(["export-users", "home", "--phase", "9", "--out", str(out), "--db", db_url]) == 2
