@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="synthetic", help="synthetic[:SEED] (default) or a dataset path")
     p.add_argument("--db", default=None, help="database URL (default: SQLite in the work directory)")
-    p.add_argument("--workdir", type=Path, default=Path("abrec-demo"), help="checkpoints, store, logs")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"),
+                   help="checkpoints, registry store, SQLite database, logs (default runs/demo)")
     p.add_argument("--no-serve", action="store_true",
                    help="stop after the report instead of serving the dashboard")
     p.add_argument("--epochs", type=int, default=None,
@@ -215,13 +216,19 @@ def train_arms(dataset, workdir: Path, epochs: int | None, *, synthetic: bool) -
 
 
 def register_arms(sessions, store_dir: Path, checkpoints: dict[str, Path]) -> None:
-    from abrec.models.registry import register_model, set_alias
-    from abrec.models.store import open_store
+    from sqlalchemy import select
+
+    from abrec.models.registry import ModelVersion, register_model, set_alias
+    from abrec.models.store import open_store, sha256_file
 
     store = open_store(store_dir)
     for name, path in checkpoints.items():
         with sessions() as session:
-            version = register_model(session, store, path, name, actor="demo", description="abrec demo")
+            # A rerun may train byte-identical weights (seeded): versions are immutable, reuse it.
+            digest = sha256_file(path)
+            same = select(ModelVersion).where(ModelVersion.name == name, ModelVersion.sha256 == digest)
+            version = session.scalar(same) or register_model(session, store, path, name, actor="demo",
+                                                             description="abrec demo")
             set_alias(session, f"{name}@champion", version.label, actor="demo", reason="abrec demo")
             session.commit()
             print(f"  {version.label} (sha256 {version.sha256[:12]}) -> {name}@champion")
