@@ -44,6 +44,14 @@ class Users:
         return ArmStats.from_arrays(self.clicks, self.impressions)
 
 
+def _propensity(rng: np.random.Generator, pop: Population, shape: tuple[int, ...]) -> np.ndarray:
+    """Click probabilities: half a Beta(c * 2 ctr, c * (1 - 2 ctr)) variable, mean ctr."""
+    # Beta as a ratio of gammas: numpy's own beta sampler is 4x slower for parameters below 1.
+    a = rng.standard_gamma(pop.concentration * 2 * pop.ctr, shape)
+    b = rng.standard_gamma(pop.concentration * (1 - 2 * pop.ctr), shape)
+    return 0.5 * a / (a + b)
+
+
 def draw_users(
     rng: np.random.Generator, shape: tuple[int, ...], pop: Population = Population(), lift: float = 0.0
 ) -> Users:
@@ -51,8 +59,7 @@ def draw_users(
     if not -1 < lift <= 1:
         raise ValueError("lift must lie in (-1, 1]")
     rate = rng.gamma(pop.activity_shape, pop.activity_mean / pop.activity_shape, shape)
-    half_mean = 2 * pop.ctr
-    p = 0.5 * rng.beta(pop.concentration * half_mean, pop.concentration * (1 - half_mean), shape)
+    p = _propensity(rng, pop, shape)
     impressions = 1 + rng.poisson(rate)
     clicks = rng.binomial(impressions, p * (1 + lift))
     pre_impressions = rng.poisson(rate * pop.pre_activity)
@@ -82,8 +89,7 @@ def draw_daily_cumulative(
     shape = (experiments, users, 1)
     # A user present from the first day sees about 2 * activity_mean impressions in all.
     rate = rng.gamma(pop.activity_shape, pop.activity_mean / pop.activity_shape / days * 2, shape)
-    half_mean = 2 * pop.ctr
-    p = 0.5 * rng.beta(pop.concentration * half_mean, pop.concentration * (1 - half_mean), shape)
+    p = _propensity(rng, pop, shape)
     impressions = np.where(active, rng.poisson(np.broadcast_to(rate, active.shape)) + (day == arrival), 0)
     clicks = rng.binomial(impressions, np.broadcast_to(p * (1 + lift), active.shape))
     x = np.cumsum(clicks, axis=2, dtype=np.float64)
