@@ -28,14 +28,19 @@ def layout(fig: go.Figure, title: str, y_title: str, x_title: str = "", *, perce
     fig.update_layout(
         title={"text": title, "x": 0.01, "font": {"size": 15}},
         height=height,
-        margin={"l": 60, "r": 20, "t": 48, "b": 44},
-        template="plotly_white",
-        legend={"orientation": "h", "y": -0.18},
+        margin={"l": 60, "r": 20, "t": 48, "b": 70 if x_title else 44},
+        # A tiny template and explicit styling: copying a full template costs ~70 ms per figure.
+        template="none",
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        legend={"orientation": "h", "y": -0.3 if x_title else -0.18},
         hovermode="x unified",
         font={"family": "system-ui, sans-serif", "size": 12},
     )
-    fig.update_yaxes(title_text=y_title, tickformat=".1%" if percent else None, zeroline=True)
-    fig.update_xaxes(title_text=x_title)
+    grid = {"showgrid": True, "gridcolor": "#e5e7eb", "linecolor": "#cbd5e1", "zerolinecolor": "#cbd5e1",
+            "automargin": True}
+    fig.update_yaxes(title_text=y_title, tickformat=".1%" if percent else None, zeroline=True, **grid)
+    fig.update_xaxes(title_text=x_title, **grid)
     return fig
 
 
@@ -78,21 +83,30 @@ def offline_vs_online(arms) -> go.Figure:
     from abrec.dashboard.data import metric
 
     fig = go.Figure()
+    xs, ys = [], []
     for a in arms:
         if a.ctr is None or a.version is None:
             continue
         recall = metric(a.version, "recall@20")[0]
         if recall is None:
             continue
+        xs.append(recall)
+        ys.append(a.ctr)
         fig.add_trace(go.Scatter(
             x=[recall], y=[a.ctr], mode="markers+text", name=f"{a.experiment_key} · {a.arm}",
-            text=[f"{a.arm} ({a.version.label})"], textposition="top center",
+            text=[a.arm], textposition="top center", cliponaxis=False,
             marker={"size": 13, "color": colour(a.position)},
-            hovertemplate="Recall@20 %{x:.3f}<br>CTR %{y:.2%}<extra>%{fullData.name}</extra>",
+            hovertemplate=f"{a.experiment_key} · {a.arm} ({a.version.label})<br>"
+            "Recall@20 %{x:.3f}<br>CTR %{y:.2%}<extra></extra>",
         ))
     layout(fig, "Offline Recall@20 against online CTR", "online CTR",
            "offline Recall@20 (version now behind the alias)", percent=True, height=320)
     fig.update_layout(hovermode="closest", showlegend=False)
+    if xs:  # room around the points for their labels
+        pad_x = max(0.1 * (max(xs) - min(xs)), 0.005)
+        pad_y = max(0.15 * (max(ys) - min(ys)), 0.001)
+        fig.update_xaxes(range=[min(xs) - pad_x, max(xs) + pad_x])
+        fig.update_yaxes(range=[min(ys) - pad_y, max(ys) + pad_y])
     return fig
 
 

@@ -48,8 +48,10 @@ class Summary:
     srm_p_value: float | None = None
     srm_alert: bool | None = None
     verdict: str | None = None
+    verdict_arm: str | None = None
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    snapshot_date: str | None = None  # figures from a snapshot: there is no report yet
 
 
 def days_running(experiment: Experiment, now: datetime | None = None) -> float | None:
@@ -114,9 +116,22 @@ def summarise(experiment: Experiment, report: dict[str, Any] | None, report_date
     summary.srm_alert = srm.get("alert", _srm_alert(summary.srm_p_value))
     decision = report.get("decision") or {}
     summary.verdict = decision.get("verdict")
+    summary.verdict_arm = decision.get("arm")
     summary.reasons = list(decision.get("reasons", []))
     summary.warnings = list(report.get("warnings", []))
     return summary
+
+
+def fill_from_snapshot(summary: Summary, views: PhaseViews) -> None:
+    """Before the first report, show each arm's counts from the latest nightly snapshot (no lift)."""
+    if summary.report_date is not None or not views.days:
+        return
+    for arm in summary.arms:
+        s = views.latest.get(arm.name)
+        if s is not None:
+            arm.users, arm.impressions, arm.clicks = float(s.n), float(s.sum_y), float(s.sum_x)
+            arm.ctr = float(s.sum_x) / float(s.sum_y) if float(s.sum_y) > 0 else None
+    summary.snapshot_date = views.days[-1].isoformat()
 
 
 def _srm_alert(p: float | None) -> bool | None:
@@ -126,22 +141,22 @@ def _srm_alert(p: float | None) -> bool | None:
 def decision_text(summary: Summary) -> str:
     """The verdict in plain words for a product manager."""
     exp = summary.experiment
-    best = max(
-        (a for a in summary.arms if not a.is_control and a.rel_lift is not None),
-        key=lambda a: a.rel_lift or 0.0,
-        default=None,
-    )
+    arm = summary.verdict_arm
     if exp.status == "draft":
         return "Not started yet."
     if exp.status == "shipped":
         return f"Shipped: {exp.shipped_arm} now serves everyone."
+    if summary.verdict is None and summary.snapshot_date:
+        return (f"No report yet: the counts are from the snapshot of {summary.snapshot_date}; "
+                "lifts and the decision come with the first report.")
     if summary.verdict is None:
         return "No nightly report yet: figures appear after the first report."
     if summary.verdict == "ship":
-        name = best.name if best else "the treatment"
-        return f"Ship {name}: it beats the control with confidence, and the guardrails hold."
+        winner = arm or "the treatment"
+        return f"Ship {winner}: it beats the control with confidence, and the guardrails hold."
     if summary.verdict == "rollback":
-        return "Roll back: a treatment is worse than the control or a guardrail failed."
+        return (f"Roll back {arm}: it is worse than the control, or one of its guardrails failed."
+                if arm else "Roll back: a treatment is worse than the control or a guardrail failed.")
     if summary.verdict == "inconclusive":
         return "Inconclusive: the planned end is reached without a clear winner."
     return "Keep running: not enough evidence yet to decide."
@@ -314,6 +329,7 @@ class PhaseViews:
     daily_ctr: list[timeviews.DailyCtr]
     cumulative_lift: list[timeviews.LiftPoint]
     novelty: list[timeviews.LiftPoint]
+    latest: dict[str, stats.ArmStats]  # each arm's cumulative statistics on the last day
     users: dict[str, float]
     expected_users: dict[str, float]
     srm_p_value: float | None
@@ -359,7 +375,7 @@ def phase_views(session: Session, experiment: Experiment, phase: Phase) -> Phase
         daily_ctr=timeviews.daily_ctr(snapshots),
         cumulative_lift=[p for p in lift if _finite(p)],
         novelty=[p for p in novelty if _finite(p)],
-        users=users, expected_users=expected, srm_p_value=srm_p,
+        latest=latest, users=users, expected_users=expected, srm_p_value=srm_p,
         power=_power(experiment, latest.get(control), total, len(days), len(arms)) if days else None,
         health=store.load_health(session, phase.id),
     )

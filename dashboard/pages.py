@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Iterator
 from datetime import date
 from typing import Any
 
 from abrec.analysis import aggregate, store
+from abrec.analysis import report as report_html
 from abrec.dashboard import charts, data
 from abrec.dashboard.app import db
 from abrec.experiments import service
@@ -20,6 +20,7 @@ from flask import (
     Response,
     abort,
     current_app,
+    jsonify,
     render_template,
     request,
     stream_with_context,
@@ -93,6 +94,8 @@ def experiment(key: str) -> Any:
     summary = data.summarise(exp, report, day)
     phase = _chosen_phase(exp)
     views = data.phase_views(session, exp, phase) if phase is not None else None
+    if views is not None:
+        data.fill_from_snapshot(summary, views)
     return render_template(
         "experiment.html", nav="experiments", s=summary, e=exp, decision_text=data.decision_text,
         served=data.served_versions(session, exp), audit=data.recent_audit(session, exp.key),
@@ -202,5 +205,7 @@ def report(key: str, day: str) -> Any:
     found = store.get_report(session, exp.id, when)
     if found is None:
         abort(404, f"{key} has no report for {day}")
-    return render_template("report.html", nav="experiments", e=exp, day=when,
-                           report_json=json.dumps(found[1], indent=2, sort_keys=True, default=str))
+    if request.args.get("format") == "json":
+        return jsonify(found[1])
+    # The same standalone page that is delivered by e-mail: plotly inline, works offline when saved.
+    return Response(report_html.render_html(found[1]), mimetype="text/html")

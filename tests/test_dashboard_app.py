@@ -326,8 +326,11 @@ def test_experiment_page_shows_the_stored_report(app, seeded_url):
                   "chart-latency"):
         assert f'id="{chart}"' in html
     # The stored report opens from the history.
-    response = logged_in(app, "viewer").get(f"/experiments/{EXPERIMENT}/reports/{day.isoformat()}")
-    assert response.status_code == 200
+    client = logged_in(app, "viewer")
+    response = client.get(f"/experiments/{EXPERIMENT}/reports/{day.isoformat()}")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    assert day.isoformat() in response.get_data(as_text=True)
+    assert client.get(f"/experiments/{EXPERIMENT}/reports/{day.isoformat()}?format=json").json == report
     assert logged_in(app, "viewer").get(f"/experiments/{EXPERIMENT}/reports/2001-01-01").status_code == 404
     assert logged_in(app, "viewer").get(f"/experiments/{EXPERIMENT}/reports/yesterday").status_code == 400
 
@@ -360,3 +363,17 @@ def test_per_user_csv_is_streamed_and_matches_the_log(app, seeded_url):
     assert {r["arm"] for r in rows} == {"sasrec", "sasrec-ssm", "tron"}
     assert client.get(f"/experiments/{EXPERIMENT}/users.csv?phase=9").status_code == 404
     assert client.get("/experiments/gru4rec-baseline/users.csv").status_code == 404
+
+
+@pytest.mark.postgres
+def test_pages_and_csv_on_postgresql(pg_url):
+    seed(pg_url)
+    app = create_app(pg_url, secret_key="t", TESTING=True)
+    client = logged_in(app, "viewer")
+    for path in ("/", "/registry", f"/experiments/{EXPERIMENT}", "/experiments/tron-challenger-ramp"):
+        assert client.get(path).status_code == 200, path
+    html = client.get(f"/experiments/{EXPERIMENT}").get_data(as_text=True)
+    assert 'id="chart-lift"' in html and "SRM ok" in html
+    body = client.get(f"/experiments/{EXPERIMENT}/users.csv").get_data(as_text=True)
+    assert body.startswith("unit_id,arm,impressions,clicks") and body.count("\n") > 1000
+    app.extensions["abrec_engine"].dispose()

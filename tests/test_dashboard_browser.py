@@ -117,7 +117,7 @@ def test_main_pages_in_a_real_browser(driver, base_url):
 
     visit(driver, base_url + "/", min_charts=0)
     page = driver.find_element(By.TAG_NAME, "main").text
-    assert "TRON vs SASRec on the product page" in page and "no traffic yet" in page
+    assert "TRON vs SASRec on the product page" in page and "gru4rec-baseline" in page
     screenshot(driver, "overview")
 
     charts = visit(driver, f"{base_url}/experiments/{EXPERIMENT}", min_charts=7)
