@@ -149,26 +149,20 @@ class _Cuped:
 
 
 def _cuped_moments(s: ArmStats) -> _Cuped:
-    r, rp = s.ctr, s.sum_px / s.sum_py
-    mean_y, mean_py = s.sum_y / s.n, s.sum_py / s.n
-
-    def cov(a: str, b: str) -> Number:
-        sums = {"x": s.sum_x, "y": s.sum_y, "px": s.sum_px, "py": s.sum_py}
-        cross = {
-            ("x", "px"): s.sum_x_px,
-            ("x", "py"): s.sum_x_py,
-            ("y", "px"): s.sum_y_px,
-            ("y", "py"): s.sum_y_py,
-            ("px", "px"): s.sum_px2,
-            ("py", "py"): s.sum_py2,
-            ("px", "py"): s.sum_pxpy,
-        }
-        return _cov(s.n, cross[(a, b)], sums[a], sums[b])
-
-    var_v = (cov("px", "px") - 2 * rp * cov("px", "py") + rp * rp * cov("py", "py")) / (mean_py * mean_py)
-    cov_uv = (cov("x", "px") - rp * cov("x", "py") - r * cov("y", "px") + r * rp * cov("y", "py")) / (
-        mean_y * mean_py
-    )
+    """u = (x - R y) / mean(y) and v = (px - Rp py) / mean(py): the CTRs' per-user linearisations."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r, rp = s.ctr, s.sum_px / s.sum_py
+        mean_y, mean_py = s.sum_y / s.n, s.sum_py / s.n
+        var_px = _cov(s.n, s.sum_px2, s.sum_px, s.sum_px)
+        var_py = _cov(s.n, s.sum_py2, s.sum_py, s.sum_py)
+        cov_pxpy = _cov(s.n, s.sum_pxpy, s.sum_px, s.sum_py)
+        var_v = (var_px - 2 * rp * cov_pxpy + rp * rp * var_py) / (mean_py * mean_py)
+        cov_uv = (
+            _cov(s.n, s.sum_x_px, s.sum_x, s.sum_px)
+            - rp * _cov(s.n, s.sum_x_py, s.sum_x, s.sum_py)
+            - r * _cov(s.n, s.sum_y_px, s.sum_y, s.sum_px)
+            + r * rp * _cov(s.n, s.sum_y_py, s.sum_y, s.sum_py)
+        ) / (mean_y * mean_py)
     return _Cuped(var_u=s.n * ctr_variance(s), var_v=var_v, cov_uv=cov_uv, pre_ctr=rp)
 
 
@@ -180,7 +174,7 @@ class Comparison:
 
     `p_value` belongs to the relative lift, `abs_p_value` to the absolute one. The sequential
     intervals and `p_value_sequential` (relative lift) are always valid under daily looks; with
-    few clicks per arm (under a few hundred) the delta-method relative intervals are skewed and
+    few clicks per arm (under about 100) the delta-method relative intervals are skewed and
     the absolute-lift or Fieller intervals are the safer basis for a decision.
     `naive_p_value` is the per-impression two-proportion z-test: a labelled diagnostic only, it
     ignores that clicks cluster by user and over-rejects.
