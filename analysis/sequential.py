@@ -46,7 +46,9 @@ def multiplier(n: Number, tuning: Number, alpha: float = 0.05) -> Number:
         return np.sqrt(2 * (nr2 + 1) / nr2 * np.log(np.sqrt(nr2 + 1) / alpha))
 
 
-def interval(estimate: Number, variance: Number, n: Number, tuning: Number, alpha: float = 0.05):
+def interval(
+    estimate: Number, variance: Number, n: Number, tuning: Number, alpha: float = 0.05
+) -> tuple[Number, Number]:
     """Always-valid (lower, upper) interval for `estimate` with estimator variance `variance`."""
     half = multiplier(n, tuning, alpha) * np.sqrt(variance)
     return estimate - half, estimate + half
