@@ -45,6 +45,7 @@ class Summary:
     arms: list[ArmRow]
     days_running: float | None
     report_date: str | None = None
+    report_phase: int | None = None
     srm_p_value: float | None = None
     srm_alert: bool | None = None
     verdict: str | None = None
@@ -59,13 +60,6 @@ def days_running(experiment: Experiment, now: datetime | None = None) -> float |
         return None
     end = experiment.stopped_at or now or utcnow()
     return max(0.0, (end - experiment.started_at).total_seconds() / 86400)
-
-
-def count_experiments(session: Session, status: str | None = None) -> int:
-    query = select(func.count(Experiment.id))
-    if status is not None:
-        query = query.where(Experiment.status == status)
-    return session.scalar(query) or 0
 
 
 def status_counts(session: Session) -> dict[str, int]:
@@ -111,6 +105,7 @@ def summarise(experiment: Experiment, report: dict[str, Any] | None, report_date
         arm.rel_lift_ci = row.get("rel_lift_ci_sequential") or row.get("rel_lift_ci")
         arm.p_value = row.get("p_value_adjusted", row.get("p_value"))
     summary.report_date = report_date
+    summary.report_phase = (report.get("phase") or {}).get("number")
     summary.srm_p_value = report.get("srm_p_value")
     srm = report.get("srm") or {}
     summary.srm_alert = srm.get("alert", _srm_alert(summary.srm_p_value))
@@ -230,11 +225,12 @@ class ArmOnAlias:
     report_date: str | None
 
 
-def arms_on_aliases(session: Session, finished_limit: int = 20) -> list[ArmOnAlias]:
-    """Arms of live experiments and of the most recently finished ones, with online CTR."""
+def arms_on_aliases(session: Session, live_limit: int = 50, finished_limit: int = 20) -> list[ArmOnAlias]:
+    """Arms of the newest live experiments and of the most recently finished ones, with online CTR."""
     live = list(session.scalars(
         select(Experiment).options(selectinload(Experiment.arms))
-        .where(Experiment.status.in_(("running", "paused"))).order_by(Experiment.key)
+        .where(Experiment.status.in_(("running", "paused")))
+        .order_by(Experiment.started_at.desc()).limit(live_limit)
     ))
     finished = list(session.scalars(
         select(Experiment).options(selectinload(Experiment.arms))

@@ -49,7 +49,8 @@ def overview() -> Any:
         abort(400, f"unknown status {status!r}")
     per_page = current_app.config["OVERVIEW_PAGE_SIZE"]
     page = _page_arg()
-    total = data.count_experiments(session, status)
+    counts = data.status_counts(session)
+    total = counts[status] if status else sum(counts.values())
     pages = max(1, math.ceil(total / per_page))
     experiments = data.page_of_experiments(session, page, per_page, status)
     reports = data.latest_reports(session, [e.id for e in experiments])
@@ -59,7 +60,7 @@ def overview() -> Any:
         summaries.append(data.summarise(e, report, day))
     return render_template(
         "overview.html", nav="experiments", summaries=summaries, page=page, pages=pages, total=total,
-        status=status, counts=data.status_counts(session), decision_text=data.decision_text,
+        status=status, counts=counts, decision_text=data.decision_text,
     )
 
 
