@@ -82,21 +82,34 @@ def sample(config: dict[str, Any], inputs: Tensor, labels: Tensor, mask: Tensor,
     return negs
 
 
-def _blocks(model: nn.Module, hidden: Tensor, mask: Tensor, h: Tensor, negs: Negatives
-            ) -> list[tuple[Tensor, Tensor]]:
-    """(ids, raw scores [P, n]) per kind of negative; ids broadcast against [P, n]."""
+def _rows(model: nn.Module, *ids: Tensor) -> list[Tensor]:
+    """Output embedding rows for several id tensors with ONE lookup: each lookup of a dense
+    embedding costs a full-size gradient in the backward pass."""
+    flat = model.output_rows(torch.cat([t.reshape(-1) for t in ids]))
+    parts = torch.split(flat, [t.numel() for t in ids])
+    return [w.view(*t.shape, -1) for t, w in zip(ids, parts, strict=True)]
+
+
+def _blocks(model: nn.Module, hidden: Tensor, mask: Tensor, h: Tensor, negs: Negatives,
+            positives: Tensor | None = None) -> tuple[Tensor | None, list[tuple[Tensor, Tensor]]]:
+    """(positive scores [P] if `positives` given, [(ids, raw scores [P, n]) per kind of negative]);
+    ids broadcast against [P, n]. Scores are computed in `hidden`'s dtype."""
+    kinds = [t for t in (negs.shared, negs.per_session, negs.per_position) if t is not None]
+    lookups = ([positives] if positives is not None else []) + kinds
+    rows = iter([w.to(hidden.dtype) for w in _rows(model, *lookups)] if lookups else [])
+    pos = (h * next(rows)).sum(-1) if positives is not None else None
     out = []
     if negs.shared is not None:
-        out.append((negs.shared[None, :], h @ model.output_rows(negs.shared).T))
+        out.append((negs.shared[None, :], h @ next(rows).T))
     if negs.per_session is not None:
-        w = model.output_rows(negs.per_session)  # [B, K, d]
+        w = next(rows)  # [B, K, d]
         scores = torch.bmm(hidden, w.transpose(1, 2))[mask]
-        rows = torch.arange(len(mask), device=mask.device)[:, None].expand_as(mask)[mask]
-        out.append((negs.per_session[rows], scores))
+        index = torch.arange(len(mask), device=mask.device)[:, None].expand_as(mask)[mask]
+        out.append((negs.per_session[index], scores))
     if negs.per_position is not None:
-        w = model.output_rows(negs.per_position)  # [P, U, d]
+        w = next(rows)  # [P, U, d]
         out.append((negs.per_position, torch.bmm(w, h[:, :, None])[:, :, 0]))
-    return out
+    return pos, out
 
 
 def _activate(scores: Tensor, activation: str) -> Tensor:
@@ -108,22 +121,25 @@ def _masked(ids: Tensor, scores: Tensor, positives: Tensor) -> Tensor:
 
 
 def scores(model: nn.Module, hidden: Tensor, mask: Tensor, labels: Tensor, negs: Negatives, *,
-           topk: int = 0, activation: str = "none") -> tuple[Tensor, Tensor]:
+           topk: int = 0, activation: str = "none", selection_bf16: bool = False) -> tuple[Tensor, Tensor]:
     """Scores at the real positions: (positives [P], negatives [P, M]), masked negatives = -inf.
 
     hidden [B, L, d] is the network output, mask/labels [B, L]. With topk, the union of all
     negatives is scored without gradient, the k best per position are kept and only those are
     scored again with gradient: the same gradient as scoring all, at a fraction of the cost.
+    `selection_bf16` does that selection pass in bfloat16 (4x faster on CPUs with AVX512-BF16;
+    near-ties among the hardest negatives may then be picked differently); the kept negatives
+    are always scored in full precision.
     """
     h = hidden[mask]
     positives = labels[mask]
-    pos = _activate((h * model.output_rows(positives)).sum(-1), activation)
     if not topk:
-        blocks = _blocks(model, hidden, mask, h, negs)
+        pos, blocks = _blocks(model, hidden, mask, h, negs, positives)
         neg = torch.cat([_masked(ids, _activate(s, activation), positives) for ids, s in blocks], 1)
-        return pos, neg
+        return _activate(pos, activation), neg
     with torch.no_grad():
-        blocks = _blocks(model, hidden.detach(), mask, h.detach(), negs)
+        dtype = torch.bfloat16 if selection_bf16 else hidden.dtype
+        _, blocks = _blocks(model, hidden.detach().to(dtype), mask, h.detach().to(dtype), negs)
         union = torch.cat([_masked(ids, s, positives) for ids, s in blocks], 1)
         best = torch.topk(union, min(topk, union.shape[1]), dim=1).indices
         chosen = torch.zeros_like(best)
@@ -134,5 +150,6 @@ def scores(model: nn.Module, hidden: Tensor, mask: Tensor, labels: Tensor, negs:
             inside = (best >= offset) & (best < offset + n)
             chosen = torch.where(inside, ids.expand(len(h), n).gather(1, local), chosen)
             offset += n
-    neg = torch.bmm(model.output_rows(chosen), h[:, :, None])[:, :, 0]
-    return pos, _masked(chosen, _activate(neg, activation), positives)
+    both = torch.bmm(model.output_rows(torch.cat([positives[:, None], chosen], 1)), h[:, :, None])[:, :, 0]
+    both = _activate(both, activation)
+    return both[:, 0], _masked(chosen, both[:, 1:], positives)

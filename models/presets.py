@@ -6,9 +6,10 @@ Every field can be overridden (`abrec train --lr 1e-4 ...`); `CONFIG_FIELDS` lis
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # torch stays out of `abrec --help` and the light CLI modules that read PRESETS
+    from torch import nn
 
 # Fields shared by every preset, with the types the command line parses them as.
 CONFIG_FIELDS: dict[str, type] = {
@@ -25,6 +26,7 @@ CONFIG_FIELDS: dict[str, type] = {
     "reject_session_items": bool,  # redraw uniform negatives that are in the session ("position" only)
     "in_batch_negatives": int,  # targets of other sessions of the batch (popularity-weighted)
     "topk": int,  # keep the k highest-scoring negatives per position; 0 = keep all
+    "selection_bf16": bool,  # score the top-k candidates in bfloat16 (selection only, no gradient)
     "final_activation": str,  # "none" | "elu" (ELU(0.5) on scores, GRU4Rec+)
     "optimizer": str,  # "adam" | "adagrad"
     "lr": float,
@@ -38,7 +40,8 @@ CONFIG_FIELDS: dict[str, type] = {
 _SASREC: dict[str, Any] = {
     "arch": "sasrec", "hidden": 200, "layers": 2, "heads": 1, "max_len": 50, "dropout": 0.05,
     "loss": "bce", "bpr_penalty": 1.0, "uniform_negatives": 1, "sampling": "position",
-    "reject_session_items": True, "in_batch_negatives": 0, "topk": 0, "final_activation": "none",
+    "reject_session_items": True, "in_batch_negatives": 0, "topk": 0, "selection_bf16": True,
+    "final_activation": "none",
     "optimizer": "adam", "lr": 1e-3, "batch_size": 128, "epochs": 100, "patience": 3,
     "valid_sessions": 5000, "seed": 0,
 }

@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
     p.add_argument("--poll-s", type=float, default=1.0, help="seconds between alias checks")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
     p.set_defaults(func=run)
 
 
@@ -44,8 +45,12 @@ def run(args: argparse.Namespace) -> int:
     aliases = [a.strip() for a in args.aliases.split(",") if a.strip()]
     if args.no_discover and not aliases:
         raise UsageError("--no-discover needs --aliases: there would be nothing to serve")
-    if args.max_batch < 1 or args.max_delay_ms < 0 or args.poll_s <= 0:
-        raise UsageError("--max-batch must be >= 1, --max-delay-ms >= 0 and --poll-s > 0")
+    if args.max_batch < 1 or args.max_delay_ms < 0 or args.poll_s <= 0 or (args.threads or 1) < 1:
+        raise UsageError("--max-batch and --threads must be >= 1, --max-delay-ms >= 0 and --poll-s > 0")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine = make_engine(args.db or settings.database_url)
     init_db(engine)
     try:

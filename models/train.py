@@ -35,7 +35,7 @@ class TrainResult:
     config: dict[str, Any]
     history: list[dict[str, float]]  # one record per epoch
     best: dict[str, float]  # validation metrics of the kept epoch
-    epochs: int
+    epochs: float  # passes over the training data (fractional when stopped mid-epoch)
     sessions_per_s: float
     train_seconds: float  # time in training steps only
     wall_seconds: float  # including validation
@@ -80,7 +80,8 @@ def batch_loss(model: nn.Module, config: dict[str, Any], inputs: Tensor, labels:
                negs: negatives.Negatives) -> Tensor:
     hidden = model(inputs, mask)
     pos, neg = negatives.scores(model, hidden, mask, labels, negs, topk=config["topk"],
-                                activation=config["final_activation"])
+                                activation=config["final_activation"],
+                                selection_bf16=config["selection_bf16"])
     return losses.compute(config["loss"], pos, neg, bpr_penalty=config["bpr_penalty"])
 
 
@@ -115,7 +116,7 @@ class _Clock:
         return time.perf_counter() - self.start
 
 
-def _sasrec_epoch(model, opt, config, train, num_items, gen, clock, device, bar) -> float:
+def _sasrec_epoch(model, opt, config, train, num_items, gen, clock, device, bar, hook) -> float:
     lengths = [min(len(s), config["max_len"] + 1) for s in train]
     train = [np.asarray(s, dtype=np.int64) for s in train]
     total, count = 0.0, 0
@@ -136,12 +137,13 @@ def _sasrec_epoch(model, opt, config, train, num_items, gen, clock, device, bar)
         bar.update(len(idx))
         if count % 20 == 0:
             bar.set_postfix(loss=f"{total / count:.4f}", sess_s=f"{clock.sessions / clock.train_seconds:.0f}")
+        hook()
         if clock.over():
             break
     return total / max(count, 1)
 
 
-def _gru_epoch(model, opt, config, train, num_items, gen, clock, device, bar) -> float:
+def _gru_epoch(model, opt, config, train, num_items, gen, clock, device, bar, hook) -> float:
     """Session-parallel mini-batches: each of `batch_size` lanes runs through one session click
     by click; a finished session's lane takes the next session and its state is reset. The
     lanes' targets are each other's in-batch negatives, with the batch-shared uniform ones."""
@@ -187,6 +189,7 @@ def _gru_epoch(model, opt, config, train, num_items, gen, clock, device, bar) ->
             state[:, done.to(device)] = 0.0
         if count % 200 == 0:
             bar.set_postfix(loss=f"{total / count:.4f}", sess_s=f"{clock.sessions / clock.train_seconds:.0f}")
+            hook()
         if clock.over():
             break
     return total / max(count, 1)
@@ -195,9 +198,14 @@ def _gru_epoch(model, opt, config, train, num_items, gen, clock, device, bar) ->
 def train(dataset: Dataset, kind: str, overrides: dict[str, Any] | None = None, *,
           out_dir: str | Path | None = None, resume: bool = False, time_limit_s: float | None = None,
           progress: bool = True, device: str | torch.device | None = None,
-          on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[dict[str, float]], None] | None = None,
+          eval_every_s: float | None = None) -> TrainResult:
     """Train preset `kind` (with `overrides`) on `dataset` until early stopping, `epochs` or the
-    wall-clock `time_limit_s`; returns the best epoch's model."""
+    wall-clock `time_limit_s`; returns the best validated model.
+
+    With `eval_every_s`, validation also runs within epochs (for learning curves of slow models);
+    those snapshots may be kept as best, but patience counts whole epochs only.
+    """
     config = resolve_config(kind, overrides)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config["seed"])
@@ -226,24 +234,41 @@ def train(dataset: Dataset, kind: str, overrides: dict[str, Any] | None = None, 
     run_epoch = _gru_epoch if config["arch"] == "gru4rec" else _sasrec_epoch
     stopped = "max epochs"
     epoch = start_epoch
-    for epoch in range(start_epoch + 1, config["epochs"] + 1):
-        model.train()
-        with tqdm(total=len(dataset.train), desc=f"{kind} epoch {epoch}", unit="sess", disable=not progress,
-                  mininterval=1, leave=False) as bar:
-            loss = run_epoch(model, opt, config, dataset.train, num_items, gen, clock, device, bar)
-        record = {"epoch": epoch, "loss": loss, "train_seconds": clock.train_seconds,
+    last_eval = time.perf_counter()
+
+    def validate(epoch_done: float, loss: float | None) -> tuple[dict[str, float], bool]:
+        nonlocal best, best_state, last_eval
+        record = {"epoch": round(epoch_done, 3), "loss": loss, "train_seconds": clock.train_seconds,
                   "sessions_per_s": clock.sessions / max(clock.train_seconds, 1e-9)}
         if valid:
             metrics = evaluate(model, valid, ks=(20,))
+            model.train()
             record |= {"valid_recall@20": metrics["recall@20"], "valid_mrr@20": metrics["mrr@20"]}
         record["wall_seconds"] = clock.wall()
         history.append(record)
+        last_eval = time.perf_counter()
         improved = not valid or record["valid_recall@20"] > best.get("valid_recall@20", -1.0)
         if improved:
-            best, bad_epochs = dict(record), 0
+            best = dict(record)
             best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad_epochs += 1
+        return record, improved
+
+    for epoch in range(start_epoch + 1, config["epochs"] + 1):
+        model.train()
+
+        epoch_start = clock.sessions
+
+        def hook(epoch: int = epoch, epoch_start: int = epoch_start) -> None:
+            if eval_every_s and valid and time.perf_counter() - last_eval >= eval_every_s:
+                validate(epoch - 1 + (clock.sessions - epoch_start) / max(len(dataset.train), 1), None)
+
+        with tqdm(total=len(dataset.train), desc=f"{kind} epoch {epoch}", unit="sess", disable=not progress,
+                  mininterval=1, leave=False) as bar:
+            loss = run_epoch(model, opt, config, dataset.train, num_items, gen, clock, device, bar, hook)
+        fraction = min((clock.sessions - epoch_start) / max(len(dataset.train), 1), 1.0)
+        # A full pass counts as a whole epoch (session-parallel lanes leave a few sessions over).
+        record, improved = validate(epoch if fraction > 0.99 else epoch - 1 + fraction, loss)
+        bad_epochs = 0 if improved else bad_epochs + 1
         if progress:
             tqdm.write(f"{kind} epoch {epoch}: loss {loss:.4f}, "
                        + (f"valid R@20 {record['valid_recall@20']:.4f} MRR@20 {record['valid_mrr@20']:.4f}, "
@@ -254,7 +279,7 @@ def train(dataset: Dataset, kind: str, overrides: dict[str, Any] | None = None, 
         if out_dir:
             out_dir.mkdir(parents=True, exist_ok=True)
             if improved:
-                _save(out_dir / "model.safetensors", model, kind, config, dataset, best)
+                save_trained(out_dir / "model.safetensors", model, kind, config, dataset, {"valid": best})
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "generator": gen.get_state(),
                         "best_state": best_state, "history": history, "best": best, "epoch": epoch,
@@ -268,13 +293,18 @@ def train(dataset: Dataset, kind: str, overrides: dict[str, Any] | None = None, 
             break
     model.load_state_dict(best_state)
     model.eval()
+    if out_dir:
+        save_trained(out_dir / "model.safetensors", model, kind, config, dataset, {"valid": best})
     return TrainResult(model=model, kind=kind, config=config, history=history, best=best,
-                       epochs=len(history), sessions_per_s=clock.sessions / max(clock.train_seconds, 1e-9),
+                       epochs=history[-1]["epoch"] if history else 0,
+                       sessions_per_s=clock.sessions / max(clock.train_seconds, 1e-9),
                        train_seconds=clock.train_seconds, wall_seconds=clock.wall(), stopped=stopped,
                        checkpoint=out_dir / "model.safetensors" if out_dir else None)
 
 
-def _save(path: Path, model: nn.Module, kind: str, config: dict, dataset: Dataset, metrics: dict) -> Path:
+def save_trained(path: Path, model: nn.Module, kind: str, config: dict, dataset: Dataset,
+                 metrics: dict) -> Path:
+    """Checkpoint a model trained on `dataset`: its item map, top-100 items and fingerprint."""
     return save_checkpoint(path, model, kind=kind, config=config, item_map=dataset.item_map,
-                           metrics={"valid": metrics}, popular=dataset.popular(100),
+                           metrics=metrics, popular=dataset.popular(100),
                            data_fingerprint=dataset.fingerprint())
