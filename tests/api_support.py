@@ -228,3 +228,31 @@ class TcpProxy:
     def close(self) -> None:
         self.cut()
         self.listener.close()
+
+
+def checkpoint_factory(directory: Path):
+    """The conftest `make_checkpoint` factory for a directory of one's choice (module-scoped fixtures)."""
+
+    def make(seed: int = 0, n_items: int = 60, name: str | None = None) -> Path:
+        import torch
+        from abrec.models.checkpoint import save_checkpoint
+        from abrec.models.data import ItemMap
+        from abrec.models.presets import build_model, resolve_config
+
+        torch.manual_seed(seed)
+        config = resolve_config("tron", {"hidden": 16, "layers": 1, "max_len": 10, "dropout": 0.0})
+        model = build_model("tron", config, n_items)
+        path = directory / "checkpoints" / f"{name or f'c{seed}'}.safetensors"
+        save_checkpoint(
+            path,
+            model,
+            kind="tron",
+            config=config,
+            item_map=ItemMap([f"i{j}" for j in range(n_items)]),
+            metrics={},
+            popular=list(range(1, min(n_items, 30) + 1)),
+            data_fingerprint=f"synthetic-{seed}",
+        )
+        return path
+
+    return make
