@@ -45,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     aliases = [a.strip() for a in args.aliases.split(",") if a.strip()]
     if args.no_discover and not aliases:
         raise UsageError("--no-discover needs --aliases: there would be nothing to serve")
-    if args.max_batch < 1 or args.max_delay_ms < 0 or args.poll_s <= 0 or (args.threads or 1) < 1:
-        raise UsageError("--max-batch and --threads must be >= 1, --max-delay-ms >= 0 and --poll-s > 0")
+    if args.max_batch < 1 or (args.threads is not None and args.threads < 1):
+        raise UsageError("--max-batch and --threads must be at least 1")
+    if args.max_delay_ms < 0 or args.poll_s <= 0:
+        raise UsageError("--max-delay-ms must be >= 0 and --poll-s > 0")
     if args.threads:
         import torch
 

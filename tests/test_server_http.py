@@ -224,5 +224,7 @@ def test_model_server_command(sqlite_url: str, tmp_path: Path, make_checkpoint) 
 def test_model_server_command_usage_errors(capsys) -> None:
     assert main(["model-server", "--no-discover"]) == 2
     assert "--aliases" in capsys.readouterr().err
+    assert main(["model-server", "--aliases", "a@b", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
     assert main(["model-server", "--aliases", "not an alias", "--db", "sqlite://"]) == 2
     assert "not a version" in capsys.readouterr().err
