@@ -177,3 +177,27 @@ def test_readiness_waits_for_every_model(reg) -> None:
         assert sorted(server.status()["loaded"]) == ["tron:1", "tron:2"]
     finally:
         server.close()
+
+
+def test_database_outage_keeps_serving_and_recovers(reg) -> None:
+    sessions, store, queries, expected = reg
+    server = ModelServer(sessions, store, aliases=["tron@champion"], discover=False, poll_s=60).start()
+    try:
+        assert server.wait_ready(30)
+
+        def down():
+            raise OSError("connection refused")
+
+        server.sessions = down
+        server.refresh()
+        state = server.readiness()
+        assert "connection refused" in state["db_error"] and state["ready"]
+        answer = server.recommend("tron@champion", queries[1], K, timeout=10)
+        assert (answer.version, answer.items) == ("tron:1", expected["tron:1"][1])
+        server.sessions = sessions
+        _move(sessions, "tron:2")
+        server.refresh()
+        assert server.readiness()["db_error"] is None
+        _wait(lambda: server.readiness()["models"]["tron@champion"]["version"] == "tron:2")
+    finally:
+        server.close()
