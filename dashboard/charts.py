@@ -49,6 +49,11 @@ def render(fig: go.Figure, div_id: str) -> Markup:
     return Markup(html)
 
 
+def warm_up() -> None:
+    """Build and render one figure, so that Plotly's lazy imports happen at start, not on a page view."""
+    render(layout(go.Figure([go.Scatter(x=[0], y=[0]), go.Bar(x=[0], y=[0])]), "", ""), "warm-up")
+
+
 def band(fig: go.Figure, x: Sequence, lo: Sequence, hi: Sequence, colour_hex: str, name: str) -> None:
     """A shaded CI band: the upper bound, then the lower one filled up to it."""
     fig.add_trace(go.Scatter(x=list(x), y=list(hi), mode="lines", line={"width": 0}, showlegend=False,

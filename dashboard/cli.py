@@ -22,6 +22,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UsageError("--threads must be at least 1")
     import waitress
+    from abrec.dashboard import charts
     from abrec.dashboard.app import create_app
     from sqlalchemy.exc import OperationalError
 
@@ -32,6 +33,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         app = create_app(url)
     except OperationalError as exc:
         raise UsageError(f"cannot open database {url}: {exc.orig}") from None
+    charts.warm_up()
     print(f"abrec dashboard: http://{args.host}:{args.port}/ (database {url})", flush=True)
     waitress.serve(app, host=args.host, port=args.port, threads=args.threads, ident="abrec-dashboard")
     return 0
