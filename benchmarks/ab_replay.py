@@ -124,6 +124,7 @@ def main() -> int:
             aa_runner = Replay(client, "aa-replay", click_model, seed=1, concurrency=args.concurrency)
             aa_users = user_ids(len(sessions), seed=1)
             aa_result = aa_runner.run(sessions_ext, aa_users, days=args.days, start=start)
+            add_predictions(aa_result, {"a": predictions[arms[0]], "b": predictions[arms[0]]})
             print(format_summary(aa_result), flush=True)
         until = start + timedelta(days=args.days)
         runner.set_clock(until)
@@ -131,7 +132,7 @@ def main() -> int:
 
     # ------------------------------------------------------------------ analysis from the database
     tables = demo.user_table(engine, key, until)
-    stats = {a: ArmStats.from_arrays(t[:, 1], t[:, 0]) for a, (_u, t) in tables.items()}
+    stats = {a: ArmStats.from_arrays(tables[a][1][:, 1], tables[a][1][:, 0]) for a in arms if a in tables}
     control, treatment = arms[0], "tron"
     out: dict = {"ctr": {}, "predicted_ctr": {}, "ctr_ci": {}, "users": {}, "impressions": {}, "clicks": {}}
     for a, s in stats.items():
@@ -147,11 +148,11 @@ def main() -> int:
         "rel_lift": float(c.rel_lift),
         "rel_lift_ci": [float(c.rel_lift_ci[0]), float(c.rel_lift_ci[1])],
         "p_value": float(c.p_value),
-        "srm_p_value": srm_test({a: s.n for a, s in stats.items()}).p_value,
+        "srm_p_value": float(srm_test({a: s.n for a, s in stats.items()}).p_value),
         "predicted_rel_lift": predicted_lift,
         "prediction_inside": {
-            **{a: out["ctr_ci"][a][0] <= out["predicted_ctr"][a] <= out["ctr_ci"][a][1] for a in stats},
-            "rel_lift": c.rel_lift_ci[0] <= predicted_lift <= c.rel_lift_ci[1],
+            **{a: bool(out["ctr_ci"][a][0] <= out["predicted_ctr"][a] <= out["ctr_ci"][a][1]) for a in stats},
+            "rel_lift": bool(c.rel_lift_ci[0] <= predicted_lift <= c.rel_lift_ci[1]),
         },
         "offline_recall@20": recall,
         "offline_recall@20_ratio": recall[treatment] / recall[control],
