@@ -10,6 +10,10 @@ import argparse
 import importlib
 import sys
 
+from abrec.errors import UsageError
+
+__all__ = ["UsageError", "build_parser", "main"]
+
 # Modules that expose `register(subparsers)`. Missing ones are skipped so that the CLI keeps
 # working while a package is being built.
 COMMAND_MODULES = [
@@ -25,10 +29,6 @@ COMMAND_MODULES = [
     "abrec.dashboard.cli",
     "abrec.demo",
 ]
-
-
-class UsageError(Exception):
-    """A user mistake: printed as `abrec: error: ...` with exit status 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
