@@ -20,8 +20,9 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from abrec.analysis import delivery, store
@@ -104,12 +105,13 @@ class ReportScheduler:
         self.scheduler = BackgroundScheduler(
             jobstores={
                 "default": SQLAlchemyJobStore(engine=self.engine, tablename="apscheduler_jobs"),
-                "local": MemoryJobStore(),  # this process's housekeeping, never shared
+                "local": MemoryJobStore(),  # in-process jobs that are never shared or persisted
             },
             job_defaults=JOB_DEFAULTS,
             timezone=timezone,
         )
         self.leading = False
+        self._reconciled_at: float | None = None
         self._stop = threading.Event()
 
     # -- leadership ---------------------------------------------------------------------------
@@ -126,15 +128,7 @@ class ReportScheduler:
             log.info("scheduler %s leads", self.owner)
             if not self.scheduler.running:
                 self.scheduler.start(paused=True)
-            self.scheduler.add_job(
-                self.reconcile,
-                "interval",
-                seconds=self.reconcile_s,
-                id="reconcile",
-                jobstore="local",
-                replace_existing=True,
-                next_run_time=datetime.now(UTC),
-            )
+            self._reconciled_at = None
             self.scheduler.resume()
         elif not held and self.leading:
             log.warning("scheduler %s lost the lease; pausing", self.owner)
@@ -143,13 +137,25 @@ class ReportScheduler:
         return held
 
     def run(self) -> None:
-        """Block until `stop()`: renew or wait for the lease every third of it."""
+        """Block until `stop()`: renew or wait for the lease every third of it; reconcile when leading.
+
+        Reconciling runs here rather than as an APScheduler job: a job that edits the job store
+        would deadlock with `shutdown()`, which holds the store's lock while it waits for jobs.
+        """
         try:
             while not self._stop.is_set():
-                self.try_lead()
+                if self.try_lead() and self._reconcile_due():
+                    try:
+                        self.reconcile()
+                    except Exception:
+                        log.exception("reconciling the schedules failed; retrying next time")
+                    self._reconciled_at = time.monotonic()
                 self._stop.wait(self.lease.total_seconds() / 3)
         finally:
             self.shutdown()
+
+    def _reconcile_due(self) -> bool:
+        return self._reconciled_at is None or time.monotonic() - self._reconciled_at >= self.reconcile_s
 
     def stop(self) -> None:
         self._stop.set()

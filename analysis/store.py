@@ -372,8 +372,9 @@ def acquire_lock(db: Connection, name: str, owner: str, lease: timedelta) -> boo
     with db.begin():
         stmt = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[db.dialect.name](SchedulerLock)
         stmt = stmt.values(name=name, owner=owner, acquired_at=now, expires_at=now + lease)
-        inserted = db.execute(stmt.on_conflict_do_nothing()).rowcount
-    return bool(inserted)
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING.
+        inserted = db.execute(stmt.on_conflict_do_nothing().returning(SchedulerLock.name)).first()
+    return inserted is not None
 
 
 def release_lock(db: Connection, name: str, owner: str) -> None:
