@@ -98,6 +98,40 @@ def request_sessions(count: int, seed: int = 0) -> tuple[list[list[str]], str]:
             "random sessions of 1-9 clicks (Diginetica absent)")
 
 
+def forward_costs(store: Path, db_url: str, sessions: list[list[str]], reps: int = 15) -> dict:
+    """Milliseconds of one batched forward pass + top-20 per model and batch size, in process:
+    the median and the fastest of `reps` (on a contended machine the fastest is the closer to the
+    uncontended cost)."""
+    import torch
+    from abrec.models import registry
+    from abrec.models.checkpoint import load_checkpoint
+    from abrec.models.inference import score_batch
+    from abrec.models.store import DirectoryStore
+
+    from abrec.db import make_engine, session_factory
+
+    engine = make_engine(db_url)
+    costs: dict = {}
+    with session_factory(engine)() as session:
+        for ref in MODELS:
+            row = registry.resolve(session, ref)
+            ckpt = load_checkpoint(DirectoryStore(store).fetch(row.artifact_key))
+            internal = [[i for i in (ckpt.item_map.to_internal(x) for x in s) if i] or [1] for s in sessions]
+            costs[row.label] = {}
+            for size in (1, 8, 16, 32, 64):
+                times = []
+                for r in range(reps + 2):
+                    batch = internal[r * size % len(internal):][:size]
+                    t0 = time.perf_counter()
+                    with torch.inference_mode():
+                        torch.topk(score_batch(ckpt.model, batch), 20, dim=1)
+                    times.append(time.perf_counter() - t0)
+                costs[row.label][str(size)] = {"median": round(float(np.median(times[2:])) * 1000, 2),
+                                               "min": round(min(times[2:]) * 1000, 2)}
+    engine.dispose()
+    return costs
+
+
 def encode(model: str, items: list[str], k: int = 20) -> bytes:
     body = json.dumps({"model": model, "items": items, "k": k}, separators=(",", ":")).encode()
     head = (f"POST /v1/recommend HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
@@ -315,6 +349,7 @@ def main() -> int:
                 raw[mode, callers].append(
                     asyncio.run(closed_loop(ports[mode], callers, requests, args.warmup, args.duration)))
             rate = args.open_rate or round(0.5 * pooled(raw["batched", 32])["throughput_rps"])
+            results["forward_ms_by_batch_size"] = forward_costs(store, db_url, sessions)
             for mode in modes:
                 tqdm.write(f"{mode}: open loop at {rate}/s")
                 results["modes"][mode]["open_loop"] = asyncio.run(
@@ -325,6 +360,9 @@ def main() -> int:
         finally:
             for proc in procs.values():
                 stop_server(proc)
+    for label, by_size in results["forward_ms_by_batch_size"].items():
+        tqdm.write(f"  forward + top-20, {label}: " + ", ".join(
+            f"B={b} {t['median']} ms (min {t['min']})" for b, t in by_size.items()))
     for mode in modes:
         points = {str(c): pooled(raw[mode, c]) for c in CALLERS}
         results["modes"][mode]["closed_loop"] = points
