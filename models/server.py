@@ -262,7 +262,7 @@ def default_device() -> str:
 
 
 class ModelServer:
-    """Loads, batches and hot-swaps every served model; thread-safe; HTTP comes from `serve_http`."""
+    """Loads, batches and hot-swaps every served model; thread-safe. `HttpServer` puts it on HTTP."""
 
     def __init__(
         self,
