@@ -44,6 +44,12 @@ def layout(fig: go.Figure, title: str, y_title: str, x_title: str = "", *, perce
     return fig
 
 
+def daily_axis(fig: go.Figure) -> go.Figure:
+    """Calendar days on the x axis: one tick a day, no hours (a short experiment would show 06:00...)."""
+    fig.update_xaxes(type="date", tickformat="%b %-d", dtick=86_400_000)
+    return fig
+
+
 def render(fig: go.Figure, div_id: str) -> Markup:
     html = pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=div_id, config=CONFIG)
     return Markup(html)
@@ -147,7 +153,7 @@ def cumulative_lift(views) -> go.Figure:
     hi = max(0.0, *(p.rel_lift_ci_sequential[1] for p in later), *(p.rel_lift for p in views.cumulative_lift))
     pad = 0.1 * (hi - lo) or 0.05
     fig.update_yaxes(range=[lo - pad, hi + pad])
-    return fig
+    return daily_axis(fig)
 
 
 def daily_ctr(views) -> go.Figure:
@@ -160,7 +166,7 @@ def daily_ctr(views) -> go.Figure:
                 line={"color": colour(position), "width": 2},
                 hovertemplate=f"{arm}: %{{y:.2%}}<extra></extra>",
             ))
-    return layout(fig, "Daily CTR per arm", "CTR (clicks / impressions)", percent=True)
+    return daily_axis(layout(fig, "Daily CTR per arm", "CTR (clicks / impressions)", percent=True))
 
 
 def novelty(views) -> go.Figure:
@@ -231,7 +237,7 @@ def serving_latency(views) -> go.Figure:
                     name=f"{arm} {label}", line={"color": colour(position), "dash": dash},
                     hovertemplate=f"{arm} {label}: %{{y:.1f}} ms<extra></extra>",
                 ))
-    return layout(fig, "Serving latency per arm (p50 solid, p99 dotted)", "milliseconds")
+    return daily_axis(layout(fig, "Serving latency per arm (p50 solid, p99 dotted)", "milliseconds"))
 
 
 def fallback_rate(views) -> go.Figure:
@@ -247,4 +253,4 @@ def fallback_rate(views) -> go.Figure:
     fig = layout(fig, "Fallback rate per arm (popular items served instead of the model)",
                  "share of impressions", percent=True)
     fig.update_layout(barmode="group")
-    return fig
+    return daily_axis(fig)

@@ -127,6 +127,8 @@ def fill_from_snapshot(summary: Summary, views: PhaseViews) -> None:
             arm.users, arm.impressions, arm.clicks = float(s.n), float(s.sum_y), float(s.sum_x)
             arm.ctr = float(s.sum_x) / float(s.sum_y) if float(s.sum_y) > 0 else None
     summary.snapshot_date = views.days[-1].isoformat()
+    summary.srm_p_value = views.srm_p_value
+    summary.srm_alert = _srm_alert(views.srm_p_value)
 
 
 def _srm_alert(p: float | None) -> bool | None:
