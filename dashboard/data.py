@@ -62,15 +62,23 @@ def days_running(experiment: Experiment, now: datetime | None = None) -> float |
     return max(0.0, (end - experiment.started_at).total_seconds() / 86400)
 
 
-def status_counts(session: Session) -> dict[str, int]:
-    rows = session.execute(select(Experiment.status, func.count()).group_by(Experiment.status))
+def _matching(query, search: str | None):
+    """Experiments whose key or name contains `search` (case-insensitive), for the overview's search box."""
+    if not search:
+        return query
+    pattern = f"%{search.lower()}%"
+    return query.where(func.lower(Experiment.key).like(pattern) | func.lower(Experiment.name).like(pattern))
+
+
+def status_counts(session: Session, search: str | None = None) -> dict[str, int]:
+    query = _matching(select(Experiment.status, func.count()).group_by(Experiment.status), search)
     counts = dict.fromkeys(STATUSES, 0)
-    counts.update({status: n for status, n in rows})
+    counts.update({status: n for status, n in session.execute(query)})
     return counts
 
 
 def page_of_experiments(
-    session: Session, page: int, per_page: int, status: str | None = None
+    session: Session, page: int, per_page: int, status: str | None = None, search: str | None = None
 ) -> list[Experiment]:
     """One page of experiments, live ones first, newest first: one query plus one for the arms."""
     order = case(STATUS_ORDER, value=Experiment.status, else_=9)
@@ -83,7 +91,7 @@ def page_of_experiments(
     )
     if status is not None:
         query = query.where(Experiment.status == status)
-    return list(session.scalars(query))
+    return list(session.scalars(_matching(query, search)))
 
 
 def summarise(experiment: Experiment, report: dict[str, Any] | None, report_date: str | None) -> Summary:

@@ -47,12 +47,13 @@ def overview() -> Any:
     status = request.args.get("status") or None
     if status is not None and status not in STATUSES:
         abort(400, f"unknown status {status!r}")
+    search = (request.args.get("q") or "").strip()[:100] or None
     per_page = current_app.config["OVERVIEW_PAGE_SIZE"]
     page = _page_arg()
-    counts = data.status_counts(session)
+    counts = data.status_counts(session, search)
     total = counts[status] if status else sum(counts.values())
     pages = max(1, math.ceil(total / per_page))
-    experiments = data.page_of_experiments(session, page, per_page, status)
+    experiments = data.page_of_experiments(session, page, per_page, status, search)
     reports = data.latest_reports(session, [e.id for e in experiments])
     summaries = []
     for e in experiments:
@@ -60,7 +61,7 @@ def overview() -> Any:
         summaries.append(data.summarise(e, report, day))
     return render_template(
         "overview.html", nav="experiments", summaries=summaries, page=page, pages=pages, total=total,
-        status=status, counts=counts, decision_text=data.decision_text,
+        status=status, search=search, counts=counts, decision_text=data.decision_text,
     )
 
 
@@ -78,8 +79,8 @@ def registry() -> Any:
                            metric=data.metric)
 
 
-def url_for_page(page: int, status: str | None) -> str:
-    return url_for("pages.overview", page=page, status=status)
+def url_for_page(page: int, status: str | None, search: str | None = None) -> str:
+    return url_for("pages.overview", page=page, status=status, q=search)
 
 
 @bp.app_context_processor

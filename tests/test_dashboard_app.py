@@ -268,6 +268,9 @@ def test_overview_paginates_thousands_of_experiments(sqlite_url):
     keys = set(re.findall(r"exp-\d{4}", first)) | set(re.findall(r"exp-\d{4}", last))
     assert len(keys) == 50  # pages do not overlap
     assert client.get("/?page=49").status_code == 200  # past the end: an empty page, not an error
+    found = client.get("/?q=EXP-011").get_data(as_text=True)  # search: case-insensitive substring
+    assert set(re.findall(r"exp-\d{4}", found)) == {f"exp-011{i}" for i in range(10)}
+    assert "No experiment matches" in client.get("/?q=nothing-like-this").get_data(as_text=True)
 
 
 def test_plotly_is_served_by_the_app_and_pages_use_no_cdn(app):
