@@ -9,6 +9,8 @@ Everything one process keeps between requests lives in `app.extensions["abrec_ap
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from abrec.experiments import metrics
 from abrec.experiments.api import admin, health, openapi, serving
 from abrec.experiments.api.errors import install_error_handlers
@@ -54,7 +56,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
         clock=get_clock(),
     )
 
-    app = Flask("abrec.experiments.api")
+    # An explicit instance path: Flask's guess fails for packages mapped by an editable install.
+    app = Flask(__name__, instance_path=str(Path(__file__).resolve().parent / "instance"))
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
     app.extensions["abrec_api"] = state
