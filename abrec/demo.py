@@ -120,7 +120,7 @@ class Service:
 
 def run_demo(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
-    from abrec.cli import UsageError
+    from abrec.errors import UsageError
 
     if args.days < 1 or args.concurrency < 1:
         raise UsageError("--days and --concurrency must be at least 1")

@@ -466,7 +466,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_simulate(args: argparse.Namespace) -> int:
     from abrec.models.data import DataError, load_dataset
 
-    from abrec.cli import UsageError
+    from abrec.errors import UsageError
 
     try:
         click_model = ClickModel(k=args.k, eta=args.eta, noise=args.noise)
