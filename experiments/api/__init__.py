@@ -22,7 +22,7 @@ from flask import Flask, Response, request
 from sqlalchemy import Engine
 
 from abrec.config import Settings, get_settings
-from abrec.db import make_engine, session_factory
+from abrec.db import is_sqlite, make_engine, session_factory
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -33,7 +33,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     """A ready API application. The schema must exist already (`abrec db upgrade` or `init_db`)."""
     settings = settings or get_settings()
     if engine is None:
-        engine = make_engine(settings.database_url)
+        # A database that stops answering must fail a batch in seconds, not after the OS's TCP timeout.
+        timeout = {} if is_sqlite(settings.database_url) else {"connect_args": {"connect_timeout": 3}}
+        engine = make_engine(settings.database_url, **timeout)
     if model_client is None:
         from abrec.models.client import HttpModelClient
 
