@@ -77,8 +77,10 @@ def console_errors(driver) -> list[dict]:
 
 def screenshot(driver, name: str) -> Path:
     """A full-page PNG (window grown to the page, capped) under docs/screenshots/, checked not blank."""
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(height, 800), 6000))
+    height = driver.execute_script(
+        "return Math.max(document.documentElement.scrollHeight, document.body.scrollHeight)")
+    # The window is taller than its viewport by the browser's own frame (about 75 px headless).
+    driver.set_window_size(1400, min(max(height + 100, 800), 6000))
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     assert driver.save_screenshot(str(path))
