@@ -66,6 +66,10 @@ class MoveAliasForm(FlaskForm):
     confirm = BooleanField("Yes, change the treatment of the live experiments listed above")
 
 
+class RoleForm(FlaskForm):
+    role = SelectField("Role", choices=list(ROLES))
+
+
 class NewUserForm(FlaskForm):
     username = StringField("Username", validators=[DataRequired(), Length(max=64)])
     password = PasswordField("Password (8+ characters)", validators=[DataRequired(), Length(max=256)])
@@ -224,4 +228,18 @@ def users() -> Any:
                             f"User {username} created ({role})."):
             return redirect(url_for("actions.users"))
     status = 400 if request.method == "POST" else 200
-    return render_template("users.html", nav="users", form=form, users=identity.list_users(db())), status
+    return render_template("users.html", nav="users", form=form, users=identity.list_users(db()),
+                           roles=ROLES), status
+
+
+@bp.post("/users/<username>/role")
+@requires("admin")
+def set_role(username: str) -> Any:
+    form = RoleForm()
+    if username == g.user.username:
+        flash("You cannot change your own role: ask another admin.", "error")
+    elif form.validate_on_submit():
+        role = form.role.data
+        _commit_or_flash(lambda: identity.set_role(db(), username, role, _actor()),
+                         f"{username} is now {role}.")
+    return redirect(url_for("actions.users"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +30,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     from abrec.config import get_settings
 
-    url = args.db or get_settings().database_url
+    settings = get_settings()
+    url = args.db or settings.database_url
+    if "ABREC_SECRET_KEY" not in os.environ:
+        print("abrec dashboard: warning: ABREC_SECRET_KEY is not set; sessions are signed with the "
+              "development key", file=sys.stderr)
     try:
         app = create_app(url)
     except OperationalError as exc:

@@ -230,6 +230,13 @@ def test_only_an_admin_manages_users(app, seeded_url):
     assert response.status_code == 302
     assert read(seeded_url, lambda s: identity.get_user(s, "pm").role) == "viewer"
     assert login(app.test_client(), "pm", "pm-password-1").status_code == 302
+    assert client.post("/users/pm/role", data={"csrf_token": token, "role": "editor"}).status_code == 302
+    assert read(seeded_url, lambda s: identity.get_user(s, "pm").role) == "editor"
+    client.post("/users/admin/role", data={"csrf_token": token, "role": "viewer"})  # not one's own role
+    assert read(seeded_url, lambda s: identity.get_user(s, "admin").role) == "admin"
+    assert logged_in(app, "editor").post("/users/pm/role", data={"csrf_token": token, "role": "admin"}
+                                         ).status_code in (400, 403)
+    assert read(seeded_url, lambda s: identity.get_user(s, "pm").role) == "editor"
 
 
 def test_unknown_experiment_is_a_404_page(app):
