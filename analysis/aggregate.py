@@ -60,6 +60,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 PRE_DAY = -1  # the day index of a user's pre-period row in the per-(user, day) table
 LATENCY_RESOLUTION_MS = 0.1  # serving latencies are bucketed at this width for the percentiles
+PG_WORK_MEM = "256MB"  # per hash of the one pass over the log on PostgreSQL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +315,14 @@ def _fill_user_days(conn: Connection, scope: PhaseScope, user_days: Table, bound
     p = parts.c
     rows = select(p.user_id, func.min(p.arm_name), first_day, p.day, func.sum(p.x), func.sum(p.y))
     rows = rows.group_by(p.user_id, p.day)
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        # With the default 4 MB the hash aggregates over the whole log spill to disk in batches.
+        # Only for this statement: the later window sort measured slower with more memory.
+        conn.exec_driver_sql(f"SET LOCAL work_mem = '{PG_WORK_MEM}'")
     conn.execute(user_days.insert().from_select(["user_id", "arm_name", "first_day", "day", "x", "y"], rows))
+    if postgres:
+        conn.exec_driver_sql("SET LOCAL work_mem TO DEFAULT")
 
 
 def _entries(
