@@ -49,6 +49,13 @@ class ArmStats:
     sum_y_px: Number = 0.0
     sum_y_py: Number = 0.0
 
+    def __post_init__(self) -> None:
+        # numpy scalars, not Python floats: an arm without users or impressions then yields
+        # nan/inf statistics (reported as null) instead of raising ZeroDivisionError.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            object.__setattr__(self, f.name, np.asarray(value, dtype=float)[()])
+
     @classmethod
     def from_arrays(
         cls,
@@ -238,6 +245,7 @@ def fieller_interval(
     return lo, hi
 
 
+@np.errstate(divide="ignore", invalid="ignore")
 def naive_impression_p_value(control: ArmStats, treatment: ArmStats) -> Number:
     """Per-impression pooled two-proportion z-test (statsmodels' proportions_ztest). Diagnostic only."""
     pooled = (control.sum_x + treatment.sum_x) / (control.sum_y + treatment.sum_y)
@@ -245,6 +253,7 @@ def naive_impression_p_value(control: ArmStats, treatment: ArmStats) -> Number:
     return _two_sided_p(treatment.ctr - control.ctr, var)
 
 
+@np.errstate(divide="ignore", invalid="ignore")
 def compare(
     control: ArmStats,
     treatment: ArmStats,

@@ -415,3 +415,24 @@ def test_decision_is_inconclusive_at_the_planned_end() -> None:
     assert end.verdict == "inconclusive" and "planned end" in end.reasons[0]
     assert _decide(ci=(-0.01, 0.02), days=14).verdict == "keep running"
     assert _decide(ci=(0.01, 0.02), srm=1e-6, days=30).verdict == "inconclusive"
+
+
+def test_arms_without_users_or_impressions_give_nulls_not_errors():
+    """A new arm with no traffic yet must not break the nightly report: its figures are null."""
+    import json
+    import warnings
+
+    from abrec.analysis.stats import ArmStats, analyze
+
+    traffic = ArmStats(n=10, sum_x=3, sum_y=30, sum_x2=3, sum_y2=100, sum_xy=10)
+    no_impressions = ArmStats(n=5, sum_x=0, sum_y=0, sum_x2=0, sum_y2=0, sum_xy=0)
+    nobody = ArmStats(n=0, sum_x=0, sum_y=0, sum_x2=0, sum_y2=0, sum_xy=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        one_idle = analyze({"c": traffic, "t": no_impressions}, control="c").to_dict()
+        empty = analyze({"c": nobody, "t": nobody}, control="c").to_dict()
+    assert one_idle["arms"]["t"]["ctr"] is None and one_idle["arms"]["t"]["rel_lift"] is None
+    assert one_idle["arms"]["c"]["ctr"] == 0.1
+    assert empty["arms"]["c"]["users"] == 0 and empty["arms"]["t"]["p_value"] is None
+    json.dumps(one_idle, allow_nan=False)
+    json.dumps(empty, allow_nan=False)
