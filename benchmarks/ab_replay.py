@@ -168,6 +168,10 @@ def main() -> int:
                 "p_value": float(other.p_value),
                 "predicted_rel_lift": predictions[a].ctr() / predictions[control].ctr() - 1}
 
+    offline_json = ROOT / "benchmarks" / "results" / "offline.json"
+    if offline_json.is_file():  # the offline benchmark's own test figures, for reference
+        models = json.loads(offline_json.read_text()).get("models", {})
+        out["offline_benchmark_recall@20"] = {a: models[a]["recall@20"] for a in arms if a in models}
     if aa_result is not None:
         out["aa"] = aa_analysis(engine, until, args.aa_seeds)
     engine.dispose()
@@ -176,6 +180,7 @@ def main() -> int:
         "sessions": len(sessions), "days": args.days, "concurrency": args.concurrency,
         "replay_minutes": replay_s / 60,
         "checkpoints": {a: str(p) for a, p in checkpoints.items()},
+        "checkpoint_metrics": {a: checkpoint_metrics(p) for a, p in checkpoints.items()},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "python": platform.python_version()},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -192,6 +197,14 @@ def main() -> int:
         print("aa:", json.dumps(out["aa"]))
     print(f"wrote {dest / 'ab-replay.json'} in {(time.monotonic() - t0) / 60:.1f} min")
     return 0
+
+
+def checkpoint_metrics(path: Path) -> dict:
+    """The training record a checkpoint carries (best validation epoch, time), without loading it."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("metrics", "{}"))
 
 
 def aa_analysis(engine, until, n_seeds: int) -> dict:
