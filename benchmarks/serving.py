@@ -184,15 +184,36 @@ def pooled(runs: list[dict]) -> dict:
     point.pop("latencies_s")
     point.pop("seconds")
     point["throughput_rps_by_round"] = [r["throughput_rps"] for r in runs]
+    server_cpu = sum(r["server_cpu_s"] for r in runs)
+    point["server_cpu_ms_per_request"] = round(server_cpu * 1000 / max(1, len(latencies)), 3)
+    point["loadgen_cpu_ms_per_request"] = round(
+        sum(r["loadgen_cpu_s"] for r in runs) * 1000 / max(1, len(latencies)), 3)
     return point
 
 
-async def closed_loop(port: int, callers: int, requests: list[bytes], warmup: float, duration: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads together (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def closed_loop(
+    port: int, pid: int, callers: int, requests: list[bytes], warmup: float, duration: float
+) -> dict:
+    """`callers` each send a request, wait for its answer, and send the next one."""
     conns = [await Conn.open(port) for _ in range(callers)]
     start = time.perf_counter()
     measure_from, measure_to = start + warmup, start + warmup + duration
     latencies: list[float] = []
     errors = 0
+    cpu: dict[str, float] = {}
+
+    async def meter() -> None:
+        # The server's and this process's CPU time over the measured window.
+        await asyncio.sleep(measure_from - time.perf_counter())
+        cpu["server"], cpu["loadgen"] = cpu_seconds(pid), time.process_time()
+        await asyncio.sleep(measure_to - time.perf_counter())
+        cpu["server"], cpu["loadgen"] = cpu_seconds(pid) - cpu["server"], time.process_time() - cpu["loadgen"]
 
     async def caller(n: int) -> None:
         nonlocal errors
@@ -207,10 +228,11 @@ async def closed_loop(port: int, callers: int, requests: list[bytes], warmup: fl
                     errors += 1
             i += callers
 
-    await asyncio.gather(*(caller(n) for n in range(callers)))
+    await asyncio.gather(meter(), *(caller(n) for n in range(callers)))
     for c in conns:
         c.close()
-    return summarise(latencies, errors, duration)
+    used = {"server_cpu_s": cpu["server"], "loadgen_cpu_s": cpu["loadgen"]}
+    return summarise(latencies, errors, duration) | used
 
 
 async def open_loop(port: int, rate: float, requests: list[bytes], duration: float, timeout: float) -> dict:
@@ -347,7 +369,8 @@ def main() -> int:
             steps = [(r, c, m) for r in range(args.rounds) for c in CALLERS for m in modes]
             for _, callers, mode in tqdm(steps, desc="closed loop"):
                 raw[mode, callers].append(
-                    asyncio.run(closed_loop(ports[mode], callers, requests, args.warmup, args.duration)))
+                    asyncio.run(closed_loop(ports[mode], procs[mode].pid, callers, requests, args.warmup,
+                                            args.duration)))
             rate = args.open_rate or round(0.5 * pooled(raw["batched", 32])["throughput_rps"])
             results["forward_ms_by_batch_size"] = forward_costs(store, db_url, sessions)
             for mode in modes:
@@ -369,6 +392,7 @@ def main() -> int:
         for callers, p in points.items():
             tqdm.write(f"  {mode:14s} {callers:>4} callers: {p['throughput_rps']:8.1f} req/s  "
                        f"p50 {p['p50_ms']:7.2f} ms  p99 {p['p99_ms']:7.2f} ms  errors {p['errors']}  "
+                       f"server CPU {p['server_cpu_ms_per_request']} ms/req  "
                        f"rounds {p['throughput_rps_by_round']}")
         o = results["modes"][mode]["open_loop"]
         tqdm.write(f"  {mode:14s} open loop {o['offered_rps']}/s: p50 {o['p50_ms']} ms p99 {o['p99_ms']} ms "
@@ -380,6 +404,11 @@ def main() -> int:
         "p99_ms_at_32": batched["32"]["p99_ms"],
         "speedup_at_128": round(batched["128"]["throughput_rps"] / single["128"]["throughput_rps"], 2),
         "p99_ms_at_128": batched["128"]["p99_ms"],
+        # CPU time per answer does not depend on how much of the CPU others leave to the server.
+        "cpu_speedup_at_32": round(single["32"]["server_cpu_ms_per_request"]
+                                   / batched["32"]["server_cpu_ms_per_request"], 2),
+        "server_cpu_ms_per_request_at_32": {"batched": batched["32"]["server_cpu_ms_per_request"],
+                                            "one_at_a_time": single["32"]["server_cpu_ms_per_request"]},
         "goal": ">= 8x one-at-a-time throughput at 32 callers with p99 <= 50 ms",
         "checkpoints": sources,
         "catalogue_items": N_ITEMS,
