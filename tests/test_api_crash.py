@@ -72,7 +72,9 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(db_url, tmp_path, make_che
     try:
         first = ServeProcess(db_url, ms.url, threads=8, log=tmp_path / "serve1.log").wait_ready()
         load = Load(first.base, tag="a")
-        time.sleep(4)
+        deadline = time.monotonic() + 30
+        while len(load.impressions) < 40 and time.monotonic() < deadline:
+            time.sleep(0.1)
         first.kill()  # SIGKILL to the whole process group, requests in flight
         time.sleep(0.5)
         load.finish()
@@ -81,7 +83,9 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(db_url, tmp_path, make_che
 
         second = ServeProcess(db_url, ms.url, threads=8, log=tmp_path / "serve2.log").wait_ready()
         again = Load(second.base, tag="b")
-        time.sleep(2)
+        deadline = time.monotonic() + 30
+        while len(again.impressions) < 20 and time.monotonic() < deadline:  # the machine may be busy
+            time.sleep(0.2)
         again.finish()
         second.kill()
     finally:
@@ -89,7 +93,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_event(db_url, tmp_path, make_che
 
     impressions = load.impressions + again.impressions
     clicks = load.clicks + again.clicks
-    assert acked_before > 20 and len(again.impressions) > 10
+    assert acked_before > 20 and len(again.impressions) >= 20
     engine = make_engine(db_url)
     with engine.connect() as conn:
         stored = {
