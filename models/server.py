@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from abrec.models.checkpoint import load_checkpoint
 from abrec.models.data import ItemMap
-from abrec.models.inference import pad_left, score_batch
+from abrec.models.inference import hidden_last, pad_left
 from abrec.models.registry import ModelAlias, ModelVersion, parse_alias, parse_version
 from abrec.models.store import ArtifactStore
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -203,7 +203,15 @@ class LoadedVersion:
         self.external = np.array([""] + item_map.external_ids, dtype=object)
         self.internal: dict[str, int] = {e: i for i, e in enumerate(item_map.external_ids, start=1)}
         self.popular = popular
-        self.memory_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        # The scoring matrix transposed once into a contiguous [d, N+1] copy: on a CPU, MKL runs
+        # `h @ W.T` over the transposed view ~3x slower for one session (1.4 vs 4.7 ms CPU for
+        # 43,097 items, d=200) and ~20% slower for 16. GPUs need no copy.
+        weight = model.output_weight().detach()
+        self.scoring = weight.T.contiguous() if self.device.type == "cpu" else weight.T
+        tensors = [*model.parameters(), *model.buffers()]
+        if self.device.type == "cpu":
+            tensors.append(self.scoring)
+        self.memory_bytes = sum(t.numel() * t.element_size() for t in tensors)
         self.loaded_at = time.time()
         self.load_seconds = 0.0
         self.batcher: Batcher | None = None
@@ -222,7 +230,9 @@ class LoadedVersion:
     def run(self, batch: list[_Request]) -> None:
         """One forward pass for the whole batch, then per-request exclusion and top-k."""
         with torch.inference_mode():
-            scores = score_batch(self.model, [r.session for r in batch])
+            # score_batch's product, over the transposed copy of the scoring matrix.
+            scores = hidden_last(self.model, [r.session for r in batch]) @ self.scoring
+            scores[:, 0] = float("-inf")
             rows = [i for i, r in enumerate(batch) if r.exclude_seen]
             if rows:
                 seen, _ = pad_left([batch[i].session for i in rows], max(len(batch[i].session) for i in rows),

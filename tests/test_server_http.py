@@ -121,7 +121,7 @@ def test_model_fault_makes_both_clients_raise_model_unavailable(live, monkeypatc
     def broken(model, sessions):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(server_module, "score_batch", broken)
+    monkeypatch.setattr(server_module, "hidden_last", broken)
     with pytest.raises(ModelUnavailable, match="injected fault"):
         HttpModelClient(http.url).recommend("tron@champion", ["i1"], 5, deadline_s=5)
     with pytest.raises(ModelUnavailable, match="injected fault"):
@@ -133,13 +133,13 @@ def test_model_fault_makes_both_clients_raise_model_unavailable(live, monkeypatc
 
 def test_slow_model_past_the_deadline_is_unavailable(live, monkeypatch) -> None:
     server, http = live
-    real = server_module.score_batch
+    real = server_module.hidden_last
 
     def slow(model, sessions):
         time.sleep(0.5)
         return real(model, sessions)
 
-    monkeypatch.setattr(server_module, "score_batch", slow)
+    monkeypatch.setattr(server_module, "hidden_last", slow)
     with pytest.raises(ModelUnavailable, match="timed out"):
         HttpModelClient(http.url).recommend("tron@champion", ["i1"], 5, deadline_s=0.05)
     with pytest.raises(ModelUnavailable):
