@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from itertools import accumulate
@@ -238,7 +238,7 @@ class PhaseAggregate:
     snapshots: dict[date, dict[str, ArmStats]]  # cumulative, as of the end of each day
     novelty: dict[int, dict[str, ArmStats]]  # days since first exposure -> arm -> sums on that day
     health: dict[date, dict[str, Health]]  # daily serving health
-    health_total: dict[str, Health]  # serving health of the phase so far
+    health_total: dict[str, Health]  # serving health of the phase so far (see `phase_health`)
 
 
 def _user_days_table() -> Table:
@@ -279,8 +279,148 @@ def aggregate_phase(conn: Connection, experiment_id: int, phase_id: int, last_da
         novelty = _novelty(conn, user_days, entries, len(days), arms)
     finally:
         user_days.drop(conn)
-    health, health_total = _health(conn, scope, bounds, days, arms)
-    return PhaseAggregate(days, snapshots, novelty, health, health_total)
+    health = _health(conn, scope, bounds, days, arms)
+    return PhaseAggregate(days, snapshots, novelty, health, phase_health(health))
+
+
+@dataclass(frozen=True)
+class DayAggregate:
+    """The nightly increment: one day's cumulative snapshot, novelty view and serving health."""
+
+    snapshot: dict[str, ArmStats]
+    novelty: dict[int, dict[str, ArmStats]]
+    health: dict[str, Health]
+
+
+def aggregate_day(
+    conn: Connection,
+    experiment_id: int,
+    phase_id: int,
+    day: date,
+    novelty_before: Mapping[int, Mapping[str, ArmStats]],
+) -> DayAggregate:
+    """What `aggregate_phase` gives for `day` alone, given the novelty view as of the day before.
+
+    One pass over the log for the per-user totals (the cumulative snapshot needs each user's
+    totals so far), plus the day's own events for the rest: a user's counts on day k since
+    exposure all fall on one calendar day, so the novelty view only grows by that day's cells.
+    Events logged after a night's run with an earlier `created_at` reach the snapshot of later
+    days but not the earlier days' stored views; `aggregate_phase` recomputes everything.
+    """
+    scope = PhaseScope.load(conn, experiment_id, phase_id)
+    if day < scope.first_day:
+        raise ValueError(f"phase {phase_id} started on {scope.first_day}, after {day}")
+    bounds = day_bounds(scope.first_day, day, scope.timezone)
+    days = [scope.first_day + timedelta(days=i) for i in range(len(bounds) - 1)]
+    last = len(days) - 1
+    arms = _arms(conn, experiment_id)
+    snapshot = _snapshot(conn, scope, bounds[-1], arms)
+
+    cells = _day_cells(conn, scope, bounds, last)
+    counts = _exposure_counts(conn, scope, bounds)
+    novelty: dict[int, dict[str, ArmStats]] = {}
+    for k in range(len(days)):
+        for arm in arms:
+            n = sum(counts.get((arm, i), 0.0) for i in range(len(days) - k))
+            if n == 0:
+                continue
+            before = novelty_before.get(k, {}).get(arm)
+            sums = {
+                f: (float(getattr(before, f)) if before else 0.0) + cells.get((arm, k), {}).get(f, 0.0)
+                for f in NOVELTY_FIELDS[1:]
+            }
+            novelty.setdefault(k, {})[arm] = ArmStats(n=n, **sums)
+    health = _health(conn, scope, bounds, days, arms, first=last)[day]
+    return DayAggregate(snapshot, novelty, health)
+
+
+def _snapshot(conn: Connection, scope: PhaseScope, until: datetime, arms: list[str]) -> dict[str, ArmStats]:
+    """Each arm's cumulative sufficient statistics as of `until`: per user, then per arm, in SQL."""
+    u = user_rows_query(scope, until).subquery()
+    x, y = cast(u.c.clicks, Float), cast(u.c.impressions, Float)
+    px, py = cast(u.c.pre_clicks, Float), cast(u.c.pre_impressions, Float)
+    terms = {
+        "n": func.count(),
+        "sum_x": func.sum(x),
+        "sum_y": func.sum(y),
+        "sum_x2": func.sum(x * x),
+        "sum_y2": func.sum(y * y),
+        "sum_xy": func.sum(x * y),
+        "sum_px": func.sum(px),
+        "sum_py": func.sum(py),
+        "sum_px2": func.sum(px * px),
+        "sum_py2": func.sum(py * py),
+        "sum_pxpy": func.sum(px * py),
+        "sum_x_px": func.sum(x * px),
+        "sum_x_py": func.sum(x * py),
+        "sum_y_px": func.sum(y * px),
+        "sum_y_py": func.sum(y * py),
+    }
+    query = select(u.c.arm, *[v.label(k) for k, v in terms.items()]).group_by(u.c.arm)
+    found = {r.arm: ArmStats.from_sums(r._mapping) for r in conn.execute(query)}
+    return {arm: found.get(arm, ArmStats(**dict.fromkeys(STAT_FIELDS, 0.0))) for arm in arms}
+
+
+def _day_cells(
+    conn: Connection, scope: PhaseScope, bounds: list[datetime], index: int
+) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (arm, k): sums over users of their counts on day `index`, which is day k since their exposure."""
+    until = bounds[index + 1]
+
+    def per_user(table, is_click: bool):
+        post, _ = _periods(scope, table, until)
+        count = func.count()
+        return (
+            _joined(scope, table, until)
+            .add_columns(
+                table.user_id.label("user_id"),
+                func.min(Exposure.arm_name).label("arm_name"),
+                func.min(Exposure.first_seen_at).label("first_seen_at"),
+                (count if is_click else literal(0)).label("x"),
+                (literal(0) if is_click else count).label("y"),
+            )
+            .where(post, table.created_at >= bounds[index])
+            .group_by(table.user_id)
+        )
+
+    parts = union_all(per_user(Impression, False), per_user(Click, True)).subquery()
+    p = parts.c
+    users = (
+        select(
+            p.arm_name.label("arm_name"),
+            (literal(index) - _day_index(func.min(p.first_seen_at), bounds)).label("k"),
+            cast(func.sum(p.x), Float).label("x"),
+            cast(func.sum(p.y), Float).label("y"),
+        )
+        .group_by(p.user_id, p.arm_name)
+        .subquery()
+    )
+    c = users.c
+    rows = conn.execute(
+        select(
+            c.arm_name,
+            c.k,
+            func.sum(c.x).label("sum_x"),
+            func.sum(c.y).label("sum_y"),
+            func.sum(c.x * c.x).label("sum_x2"),
+            func.sum(c.y * c.y).label("sum_y2"),
+            func.sum(c.x * c.y).label("sum_xy"),
+        ).group_by(c.arm_name, c.k)
+    )
+    return {(r.arm_name, r.k): {f: float(getattr(r, f)) for f in NOVELTY_FIELDS[1:]} for r in rows}
+
+
+def _exposure_counts(
+    conn: Connection, scope: PhaseScope, bounds: list[datetime]
+) -> dict[tuple[str, int], float]:
+    """Users first exposed per (arm, day index)."""
+    first_day = _day_index(Exposure.first_seen_at, bounds)
+    rows = conn.execute(
+        select(Exposure.arm_name, first_day.label("first_day"), func.count().label("n"))
+        .where(_exposed(scope, bounds[-1]))
+        .group_by(Exposure.arm_name, first_day)
+    )
+    return {(r.arm_name, r.first_day): float(r.n) for r in rows}
 
 
 def _arms(conn: Connection, experiment_id: int) -> list[str]:
@@ -329,15 +469,9 @@ def _entries(
     conn: Connection, scope: PhaseScope, user_days: Table, bounds: list[datetime]
 ) -> dict[tuple[str, int], dict[str, float]]:
     """Per (arm, day of first exposure): users entering and the sums of their pre-period terms."""
-    first_day = _day_index(Exposure.first_seen_at, bounds)
     out: dict[tuple[str, int], dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    counts = conn.execute(
-        select(Exposure.arm_name, first_day.label("first_day"), func.count().label("n"))
-        .where(_exposed(scope, bounds[-1]))
-        .group_by(Exposure.arm_name, first_day)
-    )
-    for r in counts:
-        out[(r.arm_name, r.first_day)]["n"] = float(r.n)
+    for key, n in _exposure_counts(conn, scope, bounds).items():
+        out[key]["n"] = n
     u = user_days.c
     pre = conn.execute(
         select(
@@ -469,9 +603,14 @@ def _novelty(
 
 
 def _health(
-    conn: Connection, scope: PhaseScope, bounds: list[datetime], days: list[date], arms: list[str]
-) -> tuple[dict[date, dict[str, Health]], dict[str, Health]]:
-    """Daily and phase-to-date serving health per arm, from a latency histogram built in SQL.
+    conn: Connection,
+    scope: PhaseScope,
+    bounds: list[datetime],
+    days: list[date],
+    arms: list[str],
+    first: int = 0,
+) -> dict[date, dict[str, Health]]:
+    """Daily serving health per arm from day index `first` on, from a latency histogram built in SQL.
 
     All impressions served in the phase count (pinned users and paused serving included): this
     is about the serving path, not the analysis. Percentiles come from 0.1 ms buckets.
@@ -485,7 +624,7 @@ def _health(
         .where(
             Impression.experiment_id == scope.experiment_id,
             Impression.phase_id == scope.phase_id,
-            Impression.created_at >= bounds[0],
+            Impression.created_at >= bounds[first],
             Impression.created_at < bounds[-1],
         )
         .group_by(Impression.arm_name, day, bucket)
@@ -493,16 +632,34 @@ def _health(
     histograms: dict[tuple[str, int], list[tuple[int, int, int]]] = defaultdict(list)
     for r in rows:
         histograms[(r.arm_name, r.day)].append((r.bucket, r.n, r.fallbacks))
-    daily: dict[date, dict[str, Health]] = {}
-    total: dict[str, Health] = {}
-    for arm in arms:
-        merged: list[tuple[int, int, int]] = []
-        for i, d in enumerate(days):
-            hist = histograms.get((arm, i), [])
-            merged += hist
-            daily.setdefault(d, {})[arm] = _health_of(hist)
-        total[arm] = _health_of(merged)
-    return daily, total
+    return {
+        d: {arm: _health_of(histograms.get((arm, i), [])) for arm in arms}
+        for i, d in enumerate(days)
+        if i >= first
+    }
+
+
+def phase_health(daily: Mapping[date, Mapping[str, Health]]) -> dict[str, Health]:
+    """Serving health of a phase so far: summed counts, and the worst day's p50 and p99.
+
+    The worst daily percentile, rather than one over the whole phase, so that the nightly run
+    only reads the day's impressions, and a bad day is not averaged away by good ones.
+    """
+    out: dict[str, Health] = {}
+    for health in daily.values():
+        for arm, h in health.items():
+            prev = out.get(arm, Health(0, 0, None, None))
+            out[arm] = Health(
+                prev.impressions + h.impressions,
+                prev.fallbacks + h.fallbacks,
+                _worst(prev.latency_p50_ms, h.latency_p50_ms),
+                _worst(prev.latency_p99_ms, h.latency_p99_ms),
+            )
+    return out
+
+
+def _worst(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def _health_of(histogram: list[tuple[int, int, int]]) -> Health:

@@ -6,6 +6,9 @@ stores the day's snapshots, novelty view and serving health, runs the statistics
 date). Everything is recomputed from the log and upserted, so running a date twice gives the
 same rows (idempotent); late events are picked up by the next run.
 
+The nightly run is incremental (see `aggregate.aggregate_day`); a first run, a gap in the
+stored days or `full=True` recomputes the whole phase (`aggregate.aggregate_phase`).
+
 `build_report` is the pure part (sums in, JSON-ready dict out) and `render_html` turns a stored
 report into one standalone HTML file with plotly.js inline, readable offline.
 
@@ -37,7 +40,7 @@ from typing import Any
 from abrec.analysis import aggregate, decision, power, stats, store, timeviews
 from abrec.analysis.stats import ArmStats
 from abrec.experiments.schema import Experiment, Phase
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session, selectinload
 
 log = logging.getLogger(__name__)
@@ -88,9 +91,14 @@ def phase_for(experiment: Experiment, day: date, number: int | None = None) -> P
 
 
 def run_report(
-    engine: Engine, key: str, day: date | None = None, phase_number: int | None = None
+    engine: Engine, key: str, day: date | None = None, phase_number: int | None = None, full: bool = False
 ) -> dict[str, Any]:
-    """Aggregate, analyse and store the report of experiment `key` for local `day` (default yesterday)."""
+    """Aggregate, analyse and store the report of experiment `key` for local `day` (default yesterday).
+
+    Incremental when the days before are stored (the nightly case: one pass for the per-user
+    totals plus the day's own events); otherwise, or with `full`, every day of the phase is
+    recomputed from the log and stored again.
+    """
     with Session(engine) as session:
         exp = load_experiment(session, key)
         day = day or default_day(exp.timezone)
@@ -99,15 +107,39 @@ def run_report(
             raise ReportError(f"phase {phase.number} of {key!r} starts after {day}")
         context = ReportContext.of(exp, phase, day)
     with engine.begin() as conn:
-        agg = aggregate.aggregate_phase(conn, context.experiment_id, context.phase_id, day)
-        store.save_snapshots(conn, context.experiment_id, context.phase_id, agg.snapshots)
-        store.save_novelty(conn, context.experiment_id, context.phase_id, day, agg.novelty)
-        for d, health in agg.health.items():
-            store.save_health(conn, context.experiment_id, context.phase_id, d, health)
+        agg = _aggregate_and_store(conn, context, full)
         report = build_report(context, agg)
         store.save_report(conn, context.experiment_id, day, report, context.phase_id)
     log.info("report %s %s: %s", key, day, report["decision"]["verdict"])
     return report
+
+
+def _aggregate_and_store(conn: Connection, ctx: ReportContext, full: bool) -> aggregate.PhaseAggregate:
+    first = aggregate.local_date(ctx.phase_started_at, ctx.timezone)
+    days = [first + timedelta(days=i) for i in range((ctx.day - first).days + 1)]
+    earlier = set(days[:-1])
+    novelty_before = {}
+    if earlier:
+        for s in store.load_novelty(conn, ctx.phase_id, days[-2]):
+            novelty_before.setdefault(s.key, {})[s.arm] = s.stats
+    stored_health = {d: h for d, h in store.load_health(conn, ctx.phase_id).items() if d <= ctx.day}
+    have_history = earlier <= store.snapshot_days(conn, ctx.phase_id) and earlier <= set(stored_health)
+    if full or not have_history or (earlier and not novelty_before):
+        agg = aggregate.aggregate_phase(conn, ctx.experiment_id, ctx.phase_id, ctx.day)
+        store.save_snapshots(conn, ctx.experiment_id, ctx.phase_id, agg.snapshots)
+        for d, health in agg.health.items():
+            store.save_health(conn, ctx.experiment_id, ctx.phase_id, d, health)
+        store.save_novelty(conn, ctx.experiment_id, ctx.phase_id, ctx.day, agg.novelty)
+        return agg
+    inc = aggregate.aggregate_day(conn, ctx.experiment_id, ctx.phase_id, ctx.day, novelty_before)
+    store.save_snapshots(conn, ctx.experiment_id, ctx.phase_id, {ctx.day: inc.snapshot})
+    store.save_health(conn, ctx.experiment_id, ctx.phase_id, ctx.day, inc.health)
+    store.save_novelty(conn, ctx.experiment_id, ctx.phase_id, ctx.day, inc.novelty)
+    snapshots: dict[date, dict[str, ArmStats]] = {}
+    for s in store.load_snapshots(conn, ctx.phase_id, until=ctx.day):
+        snapshots.setdefault(s.key, {})[s.arm] = s.stats
+    health = stored_health | {ctx.day: inc.health}
+    return aggregate.PhaseAggregate(days, snapshots, inc.novelty, health, aggregate.phase_health(health))
 
 
 # ---------------------------------------------------------------------------------------------

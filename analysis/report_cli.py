@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--html", default=None, metavar="OUT.html", help="also write the standalone HTML report")
     p.add_argument("--deliver", action="store_true", help="send it to the experiment's webhook and e-mail")
     p.add_argument("--json", action="store_true", help="print the report JSON instead of a summary")
+    p.add_argument(
+        "--full", action="store_true", help="recompute every day of the phase (e.g. after late-logged events)"
+    )
     p.set_defaults(func=cmd_report)
 
     p = subparsers.add_parser(
@@ -99,7 +102,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     day = _parse_date(args.date)
     engine, _ = _engine(args)
     try:
-        report = run_report(engine, args.experiment, day, args.phase)
+        report = run_report(engine, args.experiment, day, args.phase, full=args.full)
     except ReportError as exc:
         raise UsageError(str(exc)) from None
     html = render_html(report) if args.html or args.deliver else None

@@ -261,11 +261,17 @@ def measure_report(url: str) -> dict:
     return {"wall_s": wall, "users": users, "verdict": report["decision"]["verdict"]}
 
 
-def measure_naive(url: str) -> dict:
-    """Baseline: fetch every event row of the phase into Python and sum per user there."""
-    from abrec.analysis.stats import ArmStats
-    from abrec.experiments.schema import Click, Exposure, Impression, Phase
-    from sqlalchemy import select
+def _until() -> datetime:
+    from abrec.analysis.aggregate import day_start
+
+    return day_start(LAST_DAY + timedelta(days=1), TZ)
+
+
+def measure_sql_snapshot(url: str) -> dict:
+    """Like for like with the baseline: the last day's sums per arm, per user then per arm in SQL."""
+    from abrec.analysis.aggregate import PhaseScope, user_rows_query
+    from abrec.experiments.schema import Phase
+    from sqlalchemy import func, select
 
     from abrec.db import make_engine
 
@@ -273,11 +279,41 @@ def measure_naive(url: str) -> dict:
     t = time.perf_counter()
     with engine.connect() as conn:
         phase_id = conn.execute(select(Phase.id).where(Phase.number == 2)).scalar_one()
+        users = user_rows_query(PhaseScope.load(conn, 1, phase_id), _until()).subquery()
+        x, y = users.c.clicks, users.c.impressions
+        rows = conn.execute(
+            select(
+                users.c.arm,
+                func.count(),
+                func.sum(x),
+                func.sum(y),
+                func.sum(x * x),
+                func.sum(y * y),
+                func.sum(x * y),
+            ).group_by(users.c.arm)
+        ).all()
+    wall = time.perf_counter() - t
+    return {"wall_s": wall, "users": sum(r[1] for r in rows)}
+
+
+def measure_naive(url: str) -> dict:
+    """Baseline: fetch every event row of the phase into Python and sum per user there (last day only)."""
+    from abrec.analysis.stats import ArmStats
+    from abrec.experiments.schema import Click, Exposure, Impression, Phase
+    from sqlalchemy import select
+
+    from abrec.db import make_engine
+
+    engine = make_engine(url)
+    until = _until()
+    t = time.perf_counter()
+    with engine.connect() as conn:
+        phase_id = conn.execute(select(Phase.id).where(Phase.number == 2)).scalar_one()
         exposures = {
             u: (a, fs)
             for u, a, fs in conn.execute(
                 select(Exposure.user_id, Exposure.arm_name, Exposure.first_seen_at).where(
-                    Exposure.phase_id == phase_id
+                    Exposure.phase_id == phase_id, Exposure.first_seen_at < until
                 )
             )
         }
@@ -287,7 +323,7 @@ def measure_naive(url: str) -> dict:
                 select(table.user_id, table.created_at, table.in_analysis).where(table.phase_id == phase_id)
             ).all()
             for user, at, analysed in rows:
-                if analysed and user in exposures and at >= exposures[user][1]:
+                if analysed and user in exposures and exposures[user][1] <= at < until:
                     totals.setdefault(user, [0, 0])[col] += 1
     per_arm: dict[str, list[list[int]]] = {}
     for user, (arm, _) in exposures.items():
@@ -297,11 +333,18 @@ def measure_naive(url: str) -> dict:
     return {"wall_s": wall, "users": sum(s.n for s in stats.values())}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss would carry the parent's over from fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_child(kind: str, url: str) -> dict:
     code = (
-        "import json, resource, sys; sys.path.insert(0, 'benchmarks'); import report as b; "
-        f"r = b.measure_{kind}({url!r}); "
-        "r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))"
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import report as b; "
+        f"r = b.measure_{kind}({url!r}); r['peak_rss_mb'] = b.peak_rss_mb(); print(json.dumps(r))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -352,11 +395,15 @@ def main() -> None:
                 print(f"{backend} {size}: report {run}", flush=True)
                 results[f"{backend}_{size}_s"] = round(run["wall_s"], 2)
                 runs[f"{backend}_{size}"] = run
+                snapshot = run_child("sql_snapshot", url)
+                print(f"{backend} {size}: one snapshot in SQL {snapshot}", flush=True)
+                runs[f"{backend}_{size}_sql_snapshot"] = snapshot
                 if size == "1m" and not args.no_baseline:
                     naive = run_child("naive", url)
                     print(f"{backend} {size}: naive {naive}", flush=True)
                     runs[f"{backend}_{size}_naive"] = naive
                     results[f"baseline_naive_{backend}_{size}_s"] = round(naive["wall_s"], 2)
+                    results[f"baseline_naive_{backend}_{size}_peak_rss_mb"] = round(naive["peak_rss_mb"], 1)
             finally:
                 if backend == "sqlite":
                     for p in work.glob(f"report_{size}.db*"):
@@ -366,7 +413,8 @@ def main() -> None:
 
                     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
                         admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-    results["peak_rss_mb"] = round(max(r["peak_rss_mb"] for k, r in runs.items() if "naive" not in k), 1)
+    reports = {k: r for k, r in runs.items() if k.count("_") == 1}  # e.g. sqlite_10m: full report runs
+    results["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in reports.values()), 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results)
@@ -404,5 +452,4 @@ def plot(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     main()

@@ -206,3 +206,33 @@ def test_cli_export_users_streams_the_per_user_table(log, db_url, tmp_path):
     }
     assert got == truth_users(log)
     assert main(["export-users", "home", "--phase", "9", "--out", str(out), "--db", db_url]) == 2
+
+
+def test_init_db_creates_the_analysis_tables(db_url):
+    from sqlalchemy import inspect
+
+    from abrec.db import init_db, make_engine
+
+    engine = make_engine(db_url)
+    init_db(engine)
+    init_db(engine)  # idempotent
+    tables = set(inspect(engine).get_table_names())
+    assert {
+        "analysis_snapshots",
+        "analysis_novelty",
+        "analysis_health",
+        "analysis_reports",
+        "analysis_scheduler_lock",
+    } <= tables
+    uniques = {tuple(u["column_names"]) for u in inspect(engine).get_unique_constraints("analysis_reports")}
+    assert ("experiment_id", "day") in uniques
+    engine.dispose()
+
+
+def test_the_nightly_increment_gives_the_full_report(log):
+    report.run_report(log.engine, "home", date(2026, 3, 30))  # first run: the whole phase
+    nightly = report.run_report(log.engine, "home", DAY)  # then one day on top of the stored ones
+    full = report.run_report(log.engine, "home", DAY, full=True)
+    strip = lambda r: {k: v for k, v in r.items() if k != "generated_at"}  # noqa: E731
+    assert strip(nightly) == strip(full)
+    assert len(nightly["timeviews"]["cumulative_lift"]) >= 4 and nightly["timeviews"]["novelty"]
