@@ -3,18 +3,20 @@
 For each size a synthetic event log (about 10 impressions per user, clicks clustered by user,
 a 3 % true lift, 10 % of users with a pre-period in an earlier phase, 14 days in
 Europe/Berlin) is bulk-loaded (executemany in large transactions on SQLite, COPY on PostgreSQL;
-not timed), then the report for the last day runs in a fresh subprocess, which reports its wall
-time and peak RSS. Baseline in the same run: the naive way, every event row of the phase loaded
-into Python and summed per user there, on the 1M log.
+not timed). Then, each in a fresh subprocess that reports its wall time and peak RSS (VmHWM):
+- full: the first night, every day of the phase recomputed and stored (up to the day before);
+- nightly: the regular night, the last day on top of the stored ones (the `*_s` figures);
+- one snapshot in SQL: per-user totals then per-arm sums for the last day, nothing else;
+- baseline (1M only): the same single snapshot the naive way, every event row of the phase
+  loaded into Python and summed per user there.
 
     nice -n 10 .venv/bin/python benchmarks/report.py                 # 1M and 10M, both databases
     .venv/bin/python benchmarks/report.py --sizes 1m --backends sqlite
 
 Writes benchmarks/results/report.json (keys sqlite_1m_s, sqlite_10m_s, postgres_1m_s,
-postgres_10m_s, peak_rss_mb, baseline_*) and benchmarks/results/report.html (time vs size).
-Databases live under /tmp (SQLite files, PostgreSQL databases abrec_bench_report_*) and are
-deleted afterwards.
-"""
+postgres_10m_s = nightly runs, *_full_s, peak_rss_mb over all report runs, baseline_*) and
+benchmarks/results/report.html (time vs size). Databases live under /tmp (SQLite files,
+PostgreSQL databases abrec_bench_report_*) and are deleted afterwards."""
 
 from __future__ import annotations
 
@@ -248,14 +250,24 @@ def load_postgres(dbname: str, impressions: int) -> None:
 # Measured runs (each in a fresh subprocess, so that peak RSS is the run's own)
 
 
-def measure_report(url: str) -> dict:
+def measure_full(url: str) -> dict:
+    """The first night: every day of the phase up to the day before the last, from the log."""
+    return _timed_report(url, LAST_DAY - timedelta(days=1), full=True)
+
+
+def measure_nightly(url: str) -> dict:
+    """A regular night: the last day on top of the stored earlier days (run measure_full first)."""
+    return _timed_report(url, LAST_DAY, full=False)
+
+
+def _timed_report(url: str, day: date, full: bool) -> dict:
     from abrec.analysis.report import run_report
 
     from abrec.db import make_engine
 
     engine = make_engine(url)
     t = time.perf_counter()
-    report = run_report(engine, "bench", LAST_DAY)
+    report = run_report(engine, "bench", day, full=full)
     wall = time.perf_counter() - t
     users = sum(a["users"] for a in report["arms"].values())
     return {"wall_s": wall, "users": users, "verdict": report["decision"]["verdict"]}
@@ -391,8 +403,12 @@ def main() -> None:
                     + dbname
                 )
             try:
-                run = run_child("report", url)
-                print(f"{backend} {size}: report {run}", flush=True)
+                full = run_child("full", url)
+                print(f"{backend} {size}: full report (first night) {full}", flush=True)
+                results[f"{backend}_{size}_full_s"] = round(full["wall_s"], 2)
+                runs[f"{backend}_{size}_full"] = full
+                run = run_child("nightly", url)
+                print(f"{backend} {size}: nightly report {run}", flush=True)
                 results[f"{backend}_{size}_s"] = round(run["wall_s"], 2)
                 runs[f"{backend}_{size}"] = run
                 snapshot = run_child("sql_snapshot", url)
@@ -413,8 +429,10 @@ def main() -> None:
 
                     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
                         admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-    reports = {k: r for k, r in runs.items() if k.count("_") == 1}  # e.g. sqlite_10m: full report runs
-    results["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in reports.values()), 1)
+    reports = [
+        r for k, r in runs.items() if k.count("_") == 1 or k.endswith("_full")
+    ]  # nightly and full runs
+    results["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in reports), 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results)
