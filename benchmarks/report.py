@@ -444,10 +444,12 @@ def plot(results: dict) -> None:
 
     fig = go.Figure()
     for backend in ("sqlite", "postgres"):
-        xs = [n for size, n in SIZES.items() if f"{backend}_{size}_s" in results]
-        ys = [results[f"{backend}_{size}_s"] for size in SIZES if f"{backend}_{size}_s" in results]
-        if xs:
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"{backend}: report"))
+        for suffix, label in (("_s", "nightly report"), ("_full_s", "first night (full)")):
+            keys = {n: f"{backend}_{size}{suffix}" for size, n in SIZES.items()}
+            xs = [n for n, key in keys.items() if key in results]
+            ys = [results[key] for key in keys.values() if key in results]
+            if xs:
+                fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"{backend}: {label}"))
         if f"baseline_naive_{backend}_1m_s" in results:
             fig.add_trace(
                 go.Scatter(
