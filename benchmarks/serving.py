@@ -344,8 +344,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per point and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the sweep")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
-    parser.add_argument("--open-rate", type=float, default=None,
-                        help="open-loop arrivals/s (default: half the batched throughput at 32 callers)")
+    parser.add_argument("--open-rate", type=float, default=200.0,
+                        help="open-loop Poisson arrivals per second (both modes get the same)")
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
@@ -371,7 +371,7 @@ def main() -> int:
                 raw[mode, callers].append(
                     asyncio.run(closed_loop(ports[mode], procs[mode].pid, callers, requests, args.warmup,
                                             args.duration)))
-            rate = args.open_rate or round(0.5 * pooled(raw["batched", 32])["throughput_rps"])
+            rate = args.open_rate
             results["forward_ms_by_batch_size"] = forward_costs(store, db_url, sessions)
             for mode in modes:
                 tqdm.write(f"{mode}: open loop at {rate}/s")
