@@ -238,3 +238,16 @@ def test_object_store_through_fsspec(reg, make_checkpoint, tmp_path: Path) -> No
     assert local.is_relative_to(tmp_path / "cache") and sha256_file(local) == row.sha256
     store.delete(row.artifact_key)
     assert not store.exists(row.artifact_key)
+
+
+def test_registry_client_and_admin_import_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, abrec.models.client, abrec.models.registry, abrec.models.store\n"
+        "from abrec.experiments.models_admin import models_admin_bp\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
