@@ -134,6 +134,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     from abrec.analysis.scheduler import ReportScheduler, run_once
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the migration check on start is routine
     engine, url = _engine(args)
     engine.dispose()
     if args.once:
