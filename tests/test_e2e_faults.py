@@ -8,7 +8,7 @@ or PostgreSQL, shoppers replayed concurrently over HTTP.
   database exactly once, in the right arm.
 - One model arm raises on every request: its shoppers get the fallback slate (marked, counted,
   logged as "popular"), the other arm is untouched, and the nightly report flags the fallbacks.
-  (The fault is injected into the model server's scoring for that arm's model only.)
+  (The fault is injected into that arm's model inside the real model server.)
 - The database is cut off for a few seconds by a TCP proxy: recommendations keep flowing
   (unlogged), clicks wait and retry, no partial rows appear, and logging resumes in the same process.
 """
@@ -19,7 +19,6 @@ import os
 import signal
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -170,19 +169,14 @@ def test_api_killed_mid_replay_and_restarted_loses_no_acknowledged_event(sqlite_
 
 def test_a_failing_arm_serves_the_fallback_and_the_other_arm_is_untouched(
         sqlite_url, tmp_path, make_checkpoint, monkeypatch) -> None:
-    from abrec.models import server as server_module
-
     world = seed(sqlite_url, tmp_path / "store", make_checkpoint)
     models = ModelServerThread(world.url, world.store)
-    broken_model = models.server._routes["tron@champion"].model
-    score_batch = server_module.score_batch
 
-    def failing(model, sessions):
-        if model is broken_model:
-            raise RuntimeError("injected fault in the tron arm")
-        return score_batch(model, sessions)
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected fault in the tron arm")
 
-    monkeypatch.setattr(server_module, "score_batch", failing)
+    # The tron arm's resident model raises on every forward pass; sasrec's model is untouched.
+    monkeypatch.setattr(models.server._routes["tron@champion"].model, "forward", failing)
     api = Api(sqlite_url, models.url, tmp_path / "serve.log").start()
     try:
         replay, thread, box = replay_in_background(api.url, world.tokens["admin"], shop_sessions(60, seed_=1))
@@ -230,8 +224,10 @@ def test_database_cut_off_mid_replay_keeps_serving_and_recovers_without_restart(
         time.sleep(3)
         served_while_cut = replay.completed - cut_at
         proxy.restore()
-        restored_at = datetime.now(UTC)
         result = finish(thread, box)
+        # Shoppers who arrive after the database is back are logged again, by the same process.
+        _, thread, box = replay_in_background(api.url, world.tokens["admin"], shop_sessions(40, seed_=3), 3)
+        after = finish(thread, box)
         pid_alive = api.proc.poll() is None
     finally:
         api.kill()
@@ -242,6 +238,7 @@ def test_database_cut_off_mid_replay_keeps_serving_and_recovers_without_restart(
     unlogged = [r for r in result.records if r.impression_id is None]
     assert unlogged, "no recommendation was served unlogged during the cut"
     assert all(not r.clicks and r.arm in ("control", "treatment") for r in unlogged)
+    logged_after = sum(r.impression_id is not None for r in after.records)
+    assert logged_after >= 0.9 * len(after.records), f"only {logged_after} of {len(after.records)} logged"
     assert_acknowledged_events_logged_once(result, pg_url)
-    impressions, _clicks, _exposures = logged_rows(pg_url)
-    assert any(row.created_at > restored_at for row in impressions.values()), "logging never resumed"
+    assert_acknowledged_events_logged_once(after, pg_url)
