@@ -18,11 +18,15 @@ Definitions, for one phase P of an experiment (phases are never pooled):
   zoneinfo (so a day around a DST switch lasts 23 or 25 hours) and events are bucketed in SQL
   by comparing `created_at` (UTC) with them.
 
-One pass over the phase's events yields the per-(user, day) counts (a temporary table); from
-them come, in small queries, the cumulative sufficient statistics of every day (a user's square
-terms grow by X_d² - X_{d-1}² on the days they have events, so summing increments per day and
-accumulating over days gives Σ X², without a row per user and day), the novelty view (counts on
-the k-th day since first exposure) and the daily serving health.
+Two entry points:
+- `aggregate_phase` (first night, backfill, `--full`): one pass over the phase's events yields
+  the per-(user, day) counts (a temporary table); from them come, in small queries, the
+  cumulative sufficient statistics of every day (a user's square terms grow by X_d² - X_{d-1}²
+  on the days they have events, so summing increments per day and accumulating over days gives
+  Σ X², without a row per user and day), the novelty view (counts on the k-th day since first
+  exposure) and the daily serving health.
+- `aggregate_day` (every other night): the day's cumulative snapshot from the per-user totals
+  (one pass, no per-day grouping), and the novelty view and health from the day's events only.
 """
 
 from __future__ import annotations
