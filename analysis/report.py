@@ -217,7 +217,6 @@ def build_report(ctx: ReportContext, agg: aggregate.PhaseAggregate) -> dict[str,
     final = agg.snapshots[ctx.day]
     arms = {a: final.get(a, ArmStats(0, 0, 0, 0, 0, 0)) for a in active}
     weights = {a: ctx.weights[a] for a in active}
-    warnings: list[str] = []
     tuning = float(ctx.planned_users) if ctx.planned_users else None
     analysis = stats.analyze(arms, control, weights=weights, sequential_tuning=tuning)
     runtime_days = (ctx.as_of - ctx.phase_started_at).total_seconds() / 86400
@@ -265,7 +264,12 @@ def build_report(ctx: ReportContext, agg: aggregate.PhaseAggregate) -> dict[str,
         arm_rows[name] = row
 
     overall = _overall(verdicts, analysis)
-    warnings += _warnings(analysis, arms, agg, min_clicks, users)
+    warnings = _warnings(analysis, arms, agg, min_clicks, users)
+    if tuning is None:
+        warnings.append(
+            "No planned_users: the sequential CIs are tuned to the users so far (N*), which makes them "
+            "tightest today rather than at the planned end; set planned_users on the experiment"
+        )
     srm = analysis.srm
     return {
         "experiment": {
