@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 MAX_FALLBACK_RATE = 0.01
 MAX_P99_LATENCY_MS = 250.0
 MIN_USERS = 1000  # minimum sample before shipping, besides the decision's minimum clicks per arm
+# A rate or a p99 over a few dozen slates is noise: guardrails are judged from this many on.
+MIN_GUARDRAIL_IMPRESSIONS = 1000
 
 
 class ReportError(LookupError):
@@ -310,6 +312,9 @@ def build_report(ctx: ReportContext, agg: aggregate.PhaseAggregate) -> dict[str,
 
 
 def _guardrails(health: store.Health) -> list[decision.Guardrail]:
+    """Fallback rate and p99 latency of an arm, once it has served enough to judge them."""
+    if health.impressions < MIN_GUARDRAIL_IMPRESSIONS:
+        return []
     out = []
     if health.fallback_rate is not None:
         out.append(decision.Guardrail("fallback rate", health.fallback_rate, MAX_FALLBACK_RATE))

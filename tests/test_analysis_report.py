@@ -236,3 +236,15 @@ def test_the_nightly_increment_gives_the_full_report(log):
     strip = lambda r: {k: v for k, v in r.items() if k != "generated_at"}  # noqa: E731
     assert strip(nightly) == strip(full)
     assert len(nightly["timeviews"]["cumulative_lift"]) >= 4 and nightly["timeviews"]["novelty"]
+
+
+def test_a_phase_without_exposures_reports_too_little_data(log):
+    """Phase 2 of the log served slates but exposed nobody: no lift, no verdict from guardrails on
+    a few dozen slates, strict JSON."""
+    r = report.run_report(log.engine, "home", date(2026, 3, 26), phase_number=2)
+    assert r["phase"]["number"] == 2
+    assert [row["users"] for row in r["arms"].values()] == [0, 0]
+    assert r["arms"]["treatment"]["rel_lift"] is None
+    assert r["decision"]["verdict"] == "keep running"
+    assert any("Too little data" in w for w in r["warnings"])
+    json.dumps(r, allow_nan=False)
