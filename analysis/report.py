@@ -3,11 +3,10 @@
 `run_report(engine, key, day)` aggregates the event log of the phase in SQL (`aggregate`),
 stores the day's snapshots, novelty view and serving health, runs the statistics (`stats`,
 `decision`, `power`, `timeviews`) on the sums and stores the report JSON under (experiment,
-date). Everything is recomputed from the log and upserted, so running a date twice gives the
-same rows (idempotent); late events are picked up by the next run.
+date). Rows are upserted, so running a date twice gives the same rows (idempotent).
 
 The nightly run is incremental (see `aggregate.aggregate_day`); a first run, a gap in the
-stored days or `full=True` recomputes the whole phase (`aggregate.aggregate_phase`).
+stored days or `full=True` recomputes the whole phase from the log (`aggregate.aggregate_phase`).
 
 `build_report` is the pure part (sums in, JSON-ready dict out) and `render_html` turns a stored
 report into one standalone HTML file with plotly.js inline, readable offline.
@@ -15,13 +14,14 @@ report into one standalone HTML file with plotly.js inline, readable offline.
 Report JSON (numbers are floats or null where undefined; dates ISO):
     {"experiment": {key, name, id, hypothesis, primary_metric, status, timezone, control},
      "phase": {id, number, weights, started_at}, "date", "as_of", "generated_at",
-     "srm_p_value", "srm": {chi2, p_value, expected, alert},
+     "runtime_days", "sequential_tuning" (N*), "srm_p_value", "srm": {chi2, p_value, expected, alert},
      "arms": {NAME: {users, impressions, clicks, ctr, abs_lift, abs_lift_ci, abs_p_value,
              abs_lift_ci_sequential, rel_lift, rel_lift_ci, p_value, p_value_adjusted,
              rel_lift_ci_sequential, p_value_sequential, rel_lift_ci_fieller,
              naive_per_impression_p_value, cuped, health: {impressions, fallbacks, fallback_rate,
              latency_p50_ms, latency_p99_ms, errors}, decision: {verdict, reasons} | null}},
-     "correction", "decision": {verdict, arm, reasons}, "power": {...} | null, "warnings": [str],
+     "correction", "decision": {verdict, arm, reasons}, "warnings": [str],
+     "power": {target_effect, users_per_arm, total_users, users_so_far, days_left, ...} | null,
      "timeviews": {"daily_ctr": [...], "cumulative_lift": [...], "novelty": [...],
                    "health": [{date, arm, ...}]}}
 """
