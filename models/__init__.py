@@ -19,7 +19,7 @@ Quick start:
     abrec evaluate runs/tron/model.safetensors --data synthetic
     abrec train --preset tron --data ../shared/data/diginetica --time-limit 60
 
-Multi-process training (torchrun / DistributedDataParallel) is not implemented; the design note
-is that each process would draw its own batch-shared and in-batch negatives from its own batch,
-as one GPU's batch does in the paper.
+Multi-process training: `torchrun --nproc-per-node 2 -m abrec.cli train --preset tron ...` runs
+DistributedDataParallel (gloo on CPU, nccl on GPUs); each process draws its own batch-shared and
+in-batch negatives from its own batch, as one GPU's batch does in the paper (see train.py).
 """

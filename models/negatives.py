@@ -6,8 +6,8 @@ Samplers (all vectorised, drawing from a torch.Generator):
   (drawn with replacement; the reference draws without);
 - top-k: of the union of all negatives, keep the k highest-scoring per position (TRON).
 
-Batch-shared and in-batch negatives belong to one batch; for multi-process training (not built
-yet) each process would draw its own from its own batch, as one GPU's batch does in the paper.
+Batch-shared and in-batch negatives belong to one batch: under torchrun each process draws its
+own from its own batch, as one GPU's batch does in the paper.
 
 Accidental hits (a negative equal to the position's positive) and padding ids get the score
 -inf, which every loss in losses.py ignores. The reference code leaves them in.

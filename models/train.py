@@ -5,12 +5,19 @@ Only real positions enter the loss. After every epoch the newest `valid_sessions
 sessions are scored (Recall@20, MRR@20); the best epoch's weights are kept and written to
 `out_dir/model.safetensors`, and `out_dir/resume.pt` lets an interrupted run continue. Epochs are
 never chosen on the test set.
+
+Under torchrun (WORLD_SIZE > 1) the SASRec-based presets train with DistributedDataParallel:
+every process walks the same shuffled list of batches and takes every WORLD_SIZE-th one, and
+draws its own batch-shared and in-batch negatives from its own batch with its own generator, as
+one GPU's batch does in the paper. Gradients are averaged; validation runs in every process on
+the same weights, so all of them stop together; rank 0 writes the files.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,8 +84,9 @@ def collate(sessions: list[list[int]] | list[np.ndarray], max_len: int, pad_to: 
 
 
 def batch_loss(model: nn.Module, config: dict[str, Any], inputs: Tensor, labels: Tensor, mask: Tensor,
-               negs: negatives.Negatives) -> Tensor:
-    hidden = model(inputs, mask)
+               negs: negatives.Negatives, net: nn.Module | None = None) -> Tensor:
+    """Mean loss over the batch's real positions; `net` is the DDP wrapper of `model`, if any."""
+    hidden = (net or model)(inputs, mask)
     pos, neg = negatives.scores(model, hidden, mask, labels, negs, topk=config["topk"],
                                 activation=config["final_activation"],
                                 selection_bf16=config["selection_bf16"])
@@ -100,41 +108,63 @@ def _to(negs: negatives.Negatives, device: torch.device) -> negatives.Negatives:
                                  for t in (negs.shared, negs.per_session, negs.per_position)))
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class _Clock:
     """Training-step time, sessions seen and the wall-clock deadline."""
 
-    def __init__(self, time_limit_s: float | None, already: float = 0.0) -> None:
+    def __init__(self, time_limit_s: float | None, already: float = 0.0, world: int = 1) -> None:
         self.start = time.perf_counter() - already
         self.deadline = self.start + time_limit_s if time_limit_s else math.inf
         self.train_seconds = 0.0
         self.sessions = 0
+        self.world = world
 
     def over(self) -> bool:
-        return time.perf_counter() >= self.deadline
+        over = time.perf_counter() >= self.deadline
+        if self.world > 1:  # every process must stop after the same batch
+            import torch.distributed as dist
+
+            flag = torch.tensor([float(over)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            over = bool(flag.item())
+        return over
 
     def wall(self) -> float:
         return time.perf_counter() - self.start
 
 
-def _sasrec_epoch(model, opt, config, train, num_items, gen, clock, device, bar, hook) -> float:
+def _sasrec_epoch(model, opt, config, train, num_items, gen, clock, device, bar, hook, net=None,
+                  order_gen=None) -> float:
     lengths = [min(len(s), config["max_len"] + 1) for s in train]
     train = [np.asarray(s, dtype=np.int64) for s in train]
     total, count = 0.0, 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for idx in make_batches(lengths, config["batch_size"], gen):
+    batches = make_batches(lengths, config["batch_size"], order_gen or gen)
+    rank, world = _world()
+    if world > 1:
+        batches = batches[: len(batches) // world * world][rank::world]
+    for idx in batches:
         t0 = time.perf_counter()
         inputs, labels, mask = collate([train[i] for i in idx.tolist()], config["max_len"])
         negs = negatives.sample(config, inputs, labels, mask, num_items, gen)
         inputs, labels, mask = inputs.to(device), labels.to(device), mask.to(device)
         with autocast:
-            loss = batch_loss(model, config, inputs, labels, mask, _to(negs, device))
+            loss = batch_loss(model, config, inputs, labels, mask, _to(negs, device), net)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         clock.train_seconds += time.perf_counter() - t0
-        clock.sessions += len(idx)
+        clock.sessions += len(idx) * world
         total, count = total + loss.item(), count + 1
-        bar.update(len(idx))
+        bar.update(len(idx) * world)
         if count % 20 == 0:
             bar.set_postfix(loss=f"{total / count:.4f}", sess_s=f"{clock.sessions / clock.train_seconds:.0f}")
         hook()
@@ -207,11 +237,27 @@ def train(dataset: Dataset, kind: str, overrides: dict[str, Any] | None = None, 
     those snapshots may be kept as best, but patience counts whole epochs only.
     """
     config = resolve_config(kind, overrides)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(config["seed"])
-    gen = torch.Generator().manual_seed(config["seed"])
+    rank, world = _init_distributed()
+    if world > 1 and config["arch"] != "sasrec":
+        raise ValueError("multi-process training is built for the SASRec-based presets only")
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    torch.manual_seed(config["seed"])  # the same initial weights in every process
+    gen = torch.Generator().manual_seed(config["seed"] + rank)
+    order_gen = torch.Generator().manual_seed(config["seed"]) if world > 1 else None
     num_items = dataset.num_items
     model = build_model(kind, config, num_items).to(device)
+    net = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    progress = progress and rank == 0
+    if world > 1:
+        eval_every_s = None  # mid-epoch validation is timed per process; processes must agree
+    if rank != 0:
+        out_dir = None
     opt = make_optimizer(model, config)
     valid = dataset.valid[-config["valid_sessions"]:] if config["valid_sessions"] else []
     out_dir = Path(out_dir) if out_dir else None
@@ -226,10 +272,12 @@ def train(dataset: Dataset, kind: str, overrides: dict[str, Any] | None = None, 
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         gen.set_state(saved["generator"])
+        if order_gen is not None and "order_generator" in saved:
+            order_gen.set_state(saved["order_generator"])
         best_state, history, best = saved["best_state"], saved["history"], saved["best"]
         start_epoch, bad_epochs = saved["epoch"], saved["bad_epochs"]
         done_seconds, done_sessions, done_train = saved["wall"], saved["sessions"], saved["train_seconds"]
-    clock = _Clock(time_limit_s, already=done_seconds)
+    clock = _Clock(time_limit_s, already=done_seconds, world=world)
     clock.sessions, clock.train_seconds = done_sessions, done_train
     run_epoch = _gru_epoch if config["arch"] == "gru4rec" else _sasrec_epoch
     stopped = "max epochs"
@@ -264,7 +312,9 @@ def train(dataset: Dataset, kind: str, overrides: dict[str, Any] | None = None, 
 
         with tqdm(total=len(dataset.train), desc=f"{kind} epoch {epoch}", unit="sess", disable=not progress,
                   mininterval=1, leave=False) as bar:
-            loss = run_epoch(model, opt, config, dataset.train, num_items, gen, clock, device, bar, hook)
+            extra = {"net": net, "order_gen": order_gen} if world > 1 else {}
+            loss = run_epoch(model, opt, config, dataset.train, num_items, gen, clock, device, bar, hook,
+                             **extra)
         fraction = min((clock.sessions - epoch_start) / max(len(dataset.train), 1), 1.0)
         # A full pass counts as a whole epoch (session-parallel lanes leave a few sessions over).
         record, improved = validate(epoch if fraction > 0.99 else epoch - 1 + fraction, loss)
@@ -282,6 +332,7 @@ def train(dataset: Dataset, kind: str, overrides: dict[str, Any] | None = None, 
                 save_trained(out_dir / "model.safetensors", model, kind, config, dataset, {"valid": best})
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "generator": gen.get_state(),
+                        **({"order_generator": order_gen.get_state()} if order_gen is not None else {}),
                         "best_state": best_state, "history": history, "best": best, "epoch": epoch,
                         "bad_epochs": bad_epochs, "wall": clock.wall(), "sessions": clock.sessions,
                         "train_seconds": clock.train_seconds}, resume_path)
@@ -300,6 +351,15 @@ def train(dataset: Dataset, kind: str, overrides: dict[str, Any] | None = None, 
                        sessions_per_s=clock.sessions / max(clock.train_seconds, 1e-9),
                        train_seconds=clock.train_seconds, wall_seconds=clock.wall(), stopped=stopped,
                        checkpoint=out_dir / "model.safetensors" if out_dir else None)
+
+
+def _init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment, if any."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return _world()
 
 
 def save_trained(path: Path, model: nn.Module, kind: str, config: dict, dataset: Dataset,
