@@ -219,13 +219,23 @@ class Conn:
 
 
 async def generate(
-    port: int, rate: float, duration: float, warmup: float, mode: str, click_prob: float, seed: int
+    port: int,
+    rate: float,
+    duration: float,
+    warmup: float,
+    mode: str,
+    click_prob: float,
+    seed: int,
+    connections: int,
 ) -> dict:
-    """Open-loop load at a fixed rate; returns the measured requests (after the warm-up)."""
+    """Open-loop load at a fixed rate over a fixed pool of keep-alive connections (as wrk2 does): an
+    arrival that finds every connection busy waits for one, and that wait counts in its latency."""
     rng = random.Random(seed)
     n_total = int(rate * (warmup + duration))
     sessions, _ = request_sessions(min(n_total, 20_000), seed)
-    idle: list[Conn] = []
+    pool: asyncio.Queue[Conn] = asyncio.Queue()
+    for _ in range(connections):
+        pool.put_nowait(Conn(*await asyncio.open_connection("127.0.0.1", port)))
     out = {
         "rec_lat": [],
         "click_lat": [],
@@ -241,39 +251,38 @@ async def generate(
     t0 = loop.time() + 0.1
     measure_from = t0 + warmup
 
+    def error(text: str, measured: bool, key: str) -> None:
+        if measured:
+            out[key] += 1
+            out["errors_sample"] = (out["errors_sample"] + [text[:200]])[:5]
+
     async def one(i: int, scheduled: float) -> None:
         measured = scheduled >= measure_from
         items = sessions[i % len(sessions)]
         user = f"u{rng.randrange(50_000)}"
         if mode == "model":
-            request = _post(
-                "/v1/recommend",
-                {"model": ("sasrec@champion", "tron@champion")[i % 2], "items": items, "k": 20},
-            )
+            body = {"model": ("sasrec@champion", "tron@champion")[i % 2], "items": items, "k": 20}
+            request = _post("/v1/recommend", body)
         else:
-            request = _post(
-                "/v1/recommendations",
-                {
-                    "experiment": EXPERIMENT,
-                    "user_id": user,
-                    "session_id": f"{user}-s",
-                    "items": items,
-                    "k": 20,
-                },
-            )
-        conn = idle.pop() if idle else None
+            body = {
+                "experiment": EXPERIMENT,
+                "user_id": user,
+                "session_id": f"{user}-s",
+                "items": items,
+                "k": 20,
+            }
+            request = _post("/v1/recommendations", body)
+        conn = await pool.get()
         try:
-            if conn is None:
-                conn = Conn(*await asyncio.open_connection("127.0.0.1", port))
-            status, body = await conn.call(request)
+            status, raw = await conn.call(request)
             latency = loop.time() - scheduled
             if status != 200:
-                raise RuntimeError(f"{status} {body[:200]!r}")
-            answer = json.loads(body)
+                error(f"{status} {raw[:200]!r}", measured, "rec_err")
+                return
+            answer = json.loads(raw)
             if measured:
                 out["rec_lat"].append(latency)
             if mode == "model":
-                idle.append(conn)
                 return
             if measured:
                 out["fallbacks"] += answer["fallback"]
@@ -284,26 +293,20 @@ async def generate(
             if answer["impression_id"] and answer["items"] and rng.random() < click_prob:
                 item = rng.choice(answer["items"])
                 sent = loop.time()
-                c_status, c_body = await conn.call(
-                    _post("/v1/clicks", {"impression_id": answer["impression_id"], "item_id": item})
-                )
+                click = _post("/v1/clicks", {"impression_id": answer["impression_id"], "item_id": item})
+                c_status, c_raw = await conn.call(click)
                 if c_status != 200:
-                    if measured:
-                        out["click_err"] += 1
-                        out["errors_sample"] = (
-                            out["errors_sample"] + [f"click {c_status} {c_body[:200]!r}"]
-                        )[:5]
+                    error(f"click {c_status} {c_raw[:200]!r}", measured, "click_err")
                 elif measured:
                     out["click_lat"].append(loop.time() - sent)
-                    if not json.loads(c_body)["duplicate"]:
+                    if not json.loads(c_raw)["duplicate"]:
                         out["clicks"].append([answer["impression_id"].split(".")[0], item])
-            idle.append(conn)
-        except Exception as exc:  # counted: a refused connection, a reset or a non-200 answer
-            if measured:
-                out["rec_err"] += 1
-                out["errors_sample"] = (out["errors_sample"] + [f"{type(exc).__name__}: {exc}"[:200]])[:5]
-            if conn is not None:
-                conn.writer.close()
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:  # a reset or a broken answer
+            error(f"{type(exc).__name__}: {exc}", measured, "rec_err")
+            conn.writer.close()
+            conn = Conn(*await asyncio.open_connection("127.0.0.1", port))
+        finally:
+            pool.put_nowait(conn)
 
     tasks = []
     for i in range(n_total):
@@ -313,9 +316,11 @@ async def generate(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i, scheduled)))
     await asyncio.gather(*tasks)
+    # Throughput over the measured window plus however long the backlog took to clear.
     out["wall_s"] = loop.time() - measure_from
-    for conn in idle:
-        conn.writer.close()
+    out["drain_s"] = loop.time() - (t0 + warmup + duration)  # how long the backlog took to clear
+    while not pool.empty():
+        pool.get_nowait().writer.close()
     return out
 
 
@@ -464,6 +469,7 @@ def run_config(
     result.update(
         {
             "rps": round(recs / data["wall_s"], 1),
+            "drain_s": round(data["drain_s"], 2),
             "p50_ms": percentile(data["rec_lat"], 0.50),
             "p99_ms": percentile(data["rec_lat"], 0.99),
             "cpu_ms_per_rec": round(1000 * api_cpu / sent, 3),
@@ -523,6 +529,7 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--click-prob", type=float, default=0.5, help="chance that a slate gets a click")
     p.add_argument("--threads", type=int, default=16, help="request threads per API process")
+    p.add_argument("--connections", type=int, default=32, help="keep-alive connections of the load generator")
     p.add_argument("--model-threads", type=int, default=1, help="torch threads of the model server")
     p.add_argument("--tron", default=None)
     p.add_argument("--sasrec", default=None)
@@ -536,7 +543,16 @@ def main() -> int:
     args = p.parse_args()
     if args.generator:
         data = asyncio.run(
-            generate(args.port, args.rate, args.duration, args.warmup, args.mode, args.click_prob, 0)
+            generate(
+                args.port,
+                args.rate,
+                args.duration,
+                args.warmup,
+                args.mode,
+                args.click_prob,
+                0,
+                args.connections,
+            )
         )
         args.out.write_text(json.dumps(data))
         return 0

@@ -138,6 +138,7 @@ class ServeProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.kill()
                 raise RuntimeError(f"abrec serve exited with {self.proc.returncode}")
             try:
                 if requests.get(self.base + "/healthz", timeout=1).status_code == 200:
@@ -145,6 +146,7 @@ class ServeProcess:
             except requests.RequestException:
                 pass
             time.sleep(0.1)
+        self.kill()
         raise RuntimeError("abrec serve did not come up")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
