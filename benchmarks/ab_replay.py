@@ -156,6 +156,8 @@ def main() -> int:
         },
         "offline_recall@20": recall,
         "offline_recall@20_ratio": recall[treatment] / recall[control],
+        "offline_mrr@20": {a: p.mrr() for a, p in predictions.items()},
+        "offline_mrr@20_ratio": predictions[treatment].mrr() / predictions[control].mrr(),
         "paper_online_rel_lift": PAPER_LIFT,
         "acknowledged": {a: {"impressions": s.impressions, "clicks": s.clicks, "fallbacks": s.fallbacks,
                              "unlogged": s.unlogged} for a, s in result.arms.items()},

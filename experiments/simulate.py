@@ -128,6 +128,7 @@ class Prediction:
     expected_clicks: np.ndarray  # [sessions] float
     impressions: np.ndarray  # [sessions] int
     hits: np.ndarray  # [sessions] next clicks that were in the top k
+    reciprocal_ranks: np.ndarray  # [sessions] sum of 1/rank of those hits
 
     def ctr(self, mask: np.ndarray | None = None) -> float:
         """Expected CTR over all sessions, or over those selected by a boolean mask."""
@@ -138,6 +139,10 @@ class Prediction:
     def recall(self) -> float:
         """Recall@k over all targets (the offline metric at the same k)."""
         return float(self.hits.sum() / max(self.impressions.sum(), 1))
+
+    def mrr(self) -> float:
+        """MRR@k over all targets."""
+        return float(self.reciprocal_ranks.sum() / max(self.impressions.sum(), 1))
 
 
 def predict(model: nn.Module, sessions: Sequence[Sequence[int]], click_model: ClickModel, *,
@@ -157,6 +162,7 @@ def predict(model: nn.Module, sessions: Sequence[Sequence[int]], click_model: Cl
     expected = np.zeros(len(sessions))
     impressions = np.zeros(len(sessions), dtype=np.int64)
     hits = np.zeros(len(sessions), dtype=np.int64)
+    rr = np.zeros(len(sessions))
     k = min(click_model.k, model.num_items)
     for start in tqdm(range(0, len(pairs), batch_size), desc="predict", disable=not progress, mininterval=2):
         chunk = pairs[start : start + batch_size]
@@ -171,7 +177,8 @@ def predict(model: nn.Module, sessions: Sequence[Sequence[int]], click_model: Cl
         np.add.at(expected, idx, exp_clicks)
         np.add.at(impressions, idx, 1)
         np.add.at(hits, idx, in_slate.astype(np.int64))
-    return Prediction(expected, impressions, hits)
+        np.add.at(rr, idx, np.where(in_slate, 1.0 / rank, 0.0))
+    return Prediction(expected, impressions, hits, rr)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_prediction_equals_brute_force_over_the_full_ranking() -> None:
     cm = ClickModel(k=5, eta=0.8, noise=0.05)
     pred = predict(model, sessions, cm, max_items=5, batch_size=7)
 
-    expected = np.zeros(len(sessions))
+    expected, rr = np.zeros(len(sessions)), np.zeros(len(sessions))
     for i, s in enumerate(sessions):
         for prefix, target in steps(s, 5):
             with torch.inference_mode():
@@ -68,6 +68,8 @@ def test_prediction_equals_brute_force_over_the_full_ranking() -> None:
             order = torch.argsort(scores, descending=True)[:5].tolist()
             rank = order.index(target) + 1 if target in order else None
             expected[i] += cm.expected_clicks(rank, 5)
+            rr[i] += 1 / rank if rank else 0.0
     np.testing.assert_allclose(pred.expected_clicks, expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(pred.reciprocal_ranks, rr, rtol=1e-9, atol=1e-12)
     assert pred.impressions.tolist() == [max(len(s) - 1, 0) for s in sessions]
     assert pred.ctr() == pytest.approx(expected.sum() / sum(max(len(s) - 1, 0) for s in sessions))
