@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ class TrainResult:
     wall_seconds: float  # including validation
     stopped: str  # "early stopping", "max epochs" or "time limit"
     checkpoint: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def make_batches(lengths: list[int] | np.ndarray, batch_size: int, generator: torch.Generator,
