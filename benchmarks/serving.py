@@ -100,33 +100,35 @@ def request_sessions(count: int, seed: int = 0) -> tuple[list[list[str]], str]:
 
 
 def forward_costs(store: Path, db_url: str, sessions: list[list[str]], reps: int = 15) -> dict:
-    """Milliseconds of one batched forward pass + top-20 per model and batch size, in process:
-    the median and the fastest of `reps` (on a contended machine the fastest is the closer to the
-    uncontended cost)."""
+    """CPU milliseconds of one batched forward pass + top-20 per model and batch size, in process,
+    with the server's single torch thread: median and fastest of `reps`. CPU time, unlike wall
+    time, barely changes when other jobs share the cores."""
     import torch
     from abrec.models import registry
     from abrec.models.checkpoint import load_checkpoint
-    from abrec.models.inference import score_batch
+    from abrec.models.inference import hidden_last
     from abrec.models.store import DirectoryStore
 
     from abrec.db import make_engine, session_factory
 
+    torch.set_num_threads(1)
     engine = make_engine(db_url)
     costs: dict = {}
     with session_factory(engine)() as session:
         for ref in MODELS:
             row = registry.resolve(session, ref)
             ckpt = load_checkpoint(DirectoryStore(store).fetch(row.artifact_key))
+            scoring = ckpt.model.output_weight().detach().T.contiguous()  # as the server scores
             internal = [[i for i in (ckpt.item_map.to_internal(x) for x in s) if i] or [1] for s in sessions]
             costs[row.label] = {}
             for size in (1, 8, 16, 32, 64):
                 times = []
                 for r in range(reps + 2):
                     batch = internal[r * size % len(internal):][:size]
-                    t0 = time.perf_counter()
+                    t0 = time.process_time()
                     with torch.inference_mode():
-                        torch.topk(score_batch(ckpt.model, batch), 20, dim=1)
-                    times.append(time.perf_counter() - t0)
+                        torch.topk(hidden_last(ckpt.model, batch) @ scoring, 20, dim=1)
+                    times.append(time.process_time() - t0)
                 costs[row.label][str(size)] = {"median": round(float(np.median(times[2:])) * 1000, 2),
                                                "min": round(min(times[2:]) * 1000, 2)}
     engine.dispose()
@@ -374,7 +376,7 @@ def main() -> int:
                     asyncio.run(closed_loop(ports[mode], procs[mode].pid, callers, requests, args.warmup,
                                             args.duration)))
             rate = args.open_rate
-            results["forward_ms_by_batch_size"] = forward_costs(store, db_url, sessions)
+            results["forward_cpu_ms_by_batch_size"] = forward_costs(store, db_url, sessions)
             for mode in modes:
                 tqdm.write(f"{mode}: open loop at {rate}/s")
                 results["modes"][mode]["open_loop"] = asyncio.run(
@@ -385,8 +387,8 @@ def main() -> int:
         finally:
             for proc in procs.values():
                 stop_server(proc)
-    for label, by_size in results["forward_ms_by_batch_size"].items():
-        tqdm.write(f"  forward + top-20, {label}: " + ", ".join(
+    for label, by_size in results["forward_cpu_ms_by_batch_size"].items():
+        tqdm.write(f"  forward + top-20 CPU, {label}: " + ", ".join(
             f"B={b} {t['median']} ms (min {t['min']})" for b, t in by_size.items()))
     for mode in modes:
         points = {str(c): combine(raw[mode, c]) for c in CALLERS}
