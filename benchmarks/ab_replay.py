@@ -51,6 +51,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--aa-seeds", type=int, default=1000)
     parser.add_argument("--no-aa", action="store_true", help="skip the live A/A replay")
+    parser.add_argument("--aa-only", action="store_true",
+                        help="only the A/A replay, on the first arm's model (writes aa-replay.json)")
+    parser.add_argument("--aa-json", default=None,
+                        help="take the A/A section from an earlier --aa-only run instead of replaying it")
     parser.add_argument("--workdir", default="/tmp/abrec-ab-replay", help="database, store, logs")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -103,8 +107,12 @@ def main() -> int:
     sessions_db = session_factory(engine)
     demo.register_arms(sessions_db, settings.registry_store, checkpoints)
     token = demo.create_admin(sessions_db, secrets.token_urlsafe(9))
-    key = demo.create_experiment(sessions_db, "ab-replay", {a: f"{a}@champion" for a in arms},
-                                 planned_users=len(sessions), hypothesis="TRON lifts CTR over SASRec")
+    if args.aa_only:  # created before the model server starts, so that it loads the model first
+        key = demo.create_experiment(sessions_db, "aa-replay", {arm: f"{arms[0]}@champion" for arm in "ab"},
+                                     planned_users=len(sessions), hypothesis="A/A")
+    else:
+        key = demo.create_experiment(sessions_db, "ab-replay", {a: f"{a}@champion" for a in arms},
+                                     planned_users=len(sessions), hypothesis="TRON lifts CTR over SASRec")
 
     print("predicting each arm's CTR from its offline ranking", flush=True)
     predictions = predictions_from_checkpoints(checkpoints, dataset, sessions, click_model, max_items=50)
@@ -115,12 +123,14 @@ def main() -> int:
         client = ApiClient(api_url, pool_size=args.concurrency * 2, admin_token=token, retry_s=120)
         stack.callback(client.close)
         runner = Replay(client, key, click_model, seed=0, concurrency=args.concurrency)
-        result = runner.run(sessions_ext, user_ids(len(sessions), seed=0), days=args.days, start=start)
-        add_predictions(result, predictions)
-        print(format_summary(result), flush=True)
+        if not args.aa_only:
+            result = runner.run(sessions_ext, user_ids(len(sessions), seed=0), days=args.days, start=start)
+            add_predictions(result, predictions)
+            print(format_summary(result), flush=True)
         aa_result = None
-        if not args.no_aa:
-            create_aa_experiment(client, "aa-replay", f"{arms[0]}@champion")
+        if not (args.no_aa or args.aa_json):
+            if not args.aa_only:
+                create_aa_experiment(client, "aa-replay", f"{arms[0]}@champion")
             aa_runner = Replay(client, "aa-replay", click_model, seed=1, concurrency=args.concurrency)
             aa_users = user_ids(len(sessions), seed=1)
             aa_result = aa_runner.run(sessions_ext, aa_users, days=args.days, start=start)
@@ -129,6 +139,16 @@ def main() -> int:
         until = start + timedelta(days=args.days)
         runner.set_clock(until)
         replay_s = time.monotonic() - t0
+
+    if args.aa_only:
+        out = {"aa": aa_analysis(engine, until, args.aa_seeds) | {"model": arms[0]},
+               "checkpoint_metrics": {a: checkpoint_metrics(p) for a, p in checkpoints.items()},
+               "date": datetime.now(UTC).isoformat(timespec="seconds"),
+               "command": " ".join([Path(sys.executable).name, *sys.argv])}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "aa-replay.json").write_text(json.dumps(out, indent=2) + "\n")
+        print("aa:", json.dumps(out["aa"]))
+        return 0
 
     # ------------------------------------------------------------------ analysis from the database
     tables = demo.user_table(engine, key, until)
@@ -175,7 +195,9 @@ def main() -> int:
         models = json.loads(offline_json.read_text()).get("models", {})
         out["offline_benchmark_recall@20"] = {a: models[a]["recall@20"] for a in arms if a in models}
     if aa_result is not None:
-        out["aa"] = aa_analysis(engine, until, args.aa_seeds)
+        out["aa"] = aa_analysis(engine, until, args.aa_seeds) | {"model": arms[0]}
+    elif args.aa_json:
+        out["aa"] = json.loads(Path(args.aa_json).read_text())["aa"] | {"source": args.aa_json}
     engine.dispose()
     out |= {
         "click_model": {"k": click_model.k, "eta": click_model.eta, "noise": click_model.noise},
