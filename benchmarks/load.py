@@ -395,6 +395,7 @@ def run_config(
     args: argparse.Namespace,
     rate: float,
     workers: int,
+    threads: int,
 ) -> dict:
     prepare_database(url, store, paths)
     model_port, api_port = free_port(), free_port()
@@ -431,7 +432,7 @@ def run_config(
                 "--workers",
                 str(workers),
                 "--threads",
-                str(args.threads),
+                str(threads),
                 "--model-server",
                 f"http://127.0.0.1:{model_port}",
             ],
@@ -479,7 +480,7 @@ def run_config(
             "lost_events": lost,
             "target_rate": rate,
             "api_processes": workers,
-            "threads_per_process": args.threads,
+            "threads_per_process": threads,
             "recommendations": recs,
             "clicks_acknowledged": len(data["clicks"]),
             "click_p50_ms": percentile(data["click_lat"], 0.50),
@@ -528,7 +529,10 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds per configuration")
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--click-prob", type=float, default=0.5, help="chance that a slate gets a click")
-    p.add_argument("--threads", type=int, default=16, help="request threads per API process")
+    # Threads mostly wait (model server, group commit), so one process needs many to keep enough
+    # requests in flight (Little's law); PostgreSQL's 4 processes x 16 give the same 64.
+    p.add_argument("--threads", type=int, default=64, help="request threads of the single SQLite process")
+    p.add_argument("--pg-threads", type=int, default=16, help="request threads per PostgreSQL API process")
     p.add_argument("--connections", type=int, default=32, help="keep-alive connections of the load generator")
     p.add_argument("--model-threads", type=int, default=1, help="torch threads of the model server")
     p.add_argument("--tron", default=None)
@@ -559,6 +563,8 @@ def main() -> int:
 
     from tqdm import tqdm
 
+    from abrec.config import get_settings
+
     started = datetime.now(UTC)
     work = Path(tempfile.mkdtemp(prefix="abrec-load-"))
     paths, sources = checkpoints(work, args)
@@ -571,13 +577,14 @@ def main() -> int:
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "click_prob": args.click_prob,
+        "model_deadline_ms": get_settings().model_deadline_s * 1000,  # ABREC_MODEL_DEADLINE_MS
     }
     configs = [c for c in ("sqlite", "postgres") if args.only in (None, c)]
     for name in tqdm(configs, desc="load"):
         if name == "sqlite":
             url = f"sqlite:///{work / 'load.db'}"
             results["sqlite"] = run_config(
-                "sqlite", url, work / "store-sqlite", paths, work, args, args.rate, 1
+                "sqlite", url, work / "store-sqlite", paths, work, args, args.rate, 1, args.threads
             )
         else:
             import psycopg
@@ -588,7 +595,7 @@ def main() -> int:
             try:
                 url = f"postgresql+psycopg://root@127.0.0.1:5432/{db}"
                 results["postgres"] = run_config(
-                    "postgres", url, work / "store-pg", paths, work, args, args.pg_rate, 4
+                    "postgres", url, work / "store-pg", paths, work, args, args.pg_rate, 4, args.pg_threads
                 )
             finally:
                 with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
