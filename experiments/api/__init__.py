@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
         model_client = HttpModelClient(settings.model_server_url)
     sessions = session_factory(engine)
-    popular = PopularCache(sessions)
+    popular = PopularCache()
     eventlog = EventLog(
         engine, max_rows=settings.eventlog_max_rows, max_wait_s=settings.eventlog_max_wait_ms / 1000
     ).start()

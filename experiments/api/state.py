@@ -44,8 +44,7 @@ class _Entry:
 class PopularCache:
     """Most popular items of the version each alias points to (the fallback slate)."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
+    def __init__(self) -> None:
         self._items: dict[str, tuple[list[str], float]] = {}
 
     def get(self, alias: str) -> list[str]:
