@@ -9,6 +9,7 @@ Everything one process keeps between requests lives in `app.extensions["abrec_ap
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from abrec.experiments import metrics
@@ -18,7 +19,7 @@ from abrec.experiments.api.state import ApiState, PopularCache, RecentImpression
 from abrec.experiments.clock import get_clock
 from abrec.experiments.eventlog import EventLog
 from abrec.experiments.signing import Signer
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from sqlalchemy import Engine
 
 from abrec.config import Settings, get_settings
@@ -71,10 +72,16 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     app.register_blueprint(models_admin_bp)
     install_error_handlers(app)
 
+    @app.before_request
+    def _start_timer() -> None:
+        g.started = time.perf_counter()
+
     @app.after_request
     def _count(response: Response) -> Response:
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.REQUESTS.labels(rule, str(response.status_code)).inc()
+        if "started" in g:
+            metrics.REQUEST_LATENCY.labels(rule).observe(time.perf_counter() - g.started)
         return response
 
     return app
