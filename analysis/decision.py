@@ -83,7 +83,7 @@ def decide(
             f"sample-ratio mismatch (p = {srm_p_value:.2g} < {srm_threshold:g}): check the assignment"
         )
     if runtime_days < min_runtime_days:
-        blockers.append(f"runtime {runtime_days:g} days < minimum {min_runtime_days:g}")
+        blockers.append(f"runtime {runtime_days:.1f} days < minimum {min_runtime_days:g}")
     if users < min_users:
         blockers.append(f"{users:g} users < minimum sample {min_users:g}")
     if readable and lo > 0 and not blockers:
