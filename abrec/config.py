@@ -12,6 +12,20 @@ def _env(name: str, default: str) -> str:
 
 
 @dataclass(frozen=True)
+class SmtpSettings:
+    """Where nightly reports are e-mailed from (analysis.delivery); login only when a user is set."""
+
+    host: str = field(default_factory=lambda: _env("SMTP_HOST", "localhost"))
+    port: int = field(default_factory=lambda: int(_env("SMTP_PORT", "25")))
+    user: str | None = field(default_factory=lambda: os.environ.get("ABREC_SMTP_USER"))
+    password: str | None = field(default_factory=lambda: os.environ.get("ABREC_SMTP_PASSWORD"))
+    # 1 upgrades the connection with STARTTLS before logging in.
+    starttls: bool = field(default_factory=lambda: _env("SMTP_STARTTLS", "0") == "1")
+    sender: str = field(default_factory=lambda: _env("SMTP_FROM", "abrec@localhost"))
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Settings:
     # SQLite file by default; any SQLAlchemy URL works (postgresql+psycopg://... for several processes).
     database_url: str = field(default_factory=lambda: _env("DATABASE_URL", "sqlite:///abrec.db"))
@@ -30,6 +44,8 @@ class Settings:
     # API event log (group commit): longest wait for more rows, and most rows, per transaction.
     eventlog_max_wait_ms: float = field(default_factory=lambda: float(_env("EVENTLOG_MAX_WAIT_MS", "2")))
     eventlog_max_rows: int = field(default_factory=lambda: int(_env("EVENTLOG_MAX_ROWS", "500")))
+    # E-mail delivery of reports (ABREC_SMTP_HOST, _PORT, _USER, _PASSWORD, _STARTTLS, _FROM).
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
 
 
 def get_settings() -> Settings:

@@ -3,36 +3,24 @@
 A failed delivery is logged and reported back, never raised: the report is already stored, and
 one unreachable chat server must not stop the other experiments' nightly runs.
 
-SMTP settings come from the environment: ABREC_SMTP_HOST (localhost), ABREC_SMTP_PORT (25),
-ABREC_SMTP_USER and ABREC_SMTP_PASSWORD (optional login), ABREC_SMTP_STARTTLS (1 to upgrade the
-connection), ABREC_SMTP_FROM (abrec@localhost).
+SMTP settings are `abrec.config.SmtpSettings` (ABREC_SMTP_HOST, ABREC_SMTP_PORT, ABREC_SMTP_USER,
+ABREC_SMTP_PASSWORD, ABREC_SMTP_STARTTLS, ABREC_SMTP_FROM).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import smtplib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
 
 import requests
 from abrec.analysis.report import summary_text
 
+from abrec.config import SmtpSettings
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SmtpSettings:
-    host: str = field(default_factory=lambda: os.environ.get("ABREC_SMTP_HOST", "localhost"))
-    port: int = field(default_factory=lambda: int(os.environ.get("ABREC_SMTP_PORT", "25")))
-    user: str | None = field(default_factory=lambda: os.environ.get("ABREC_SMTP_USER"))
-    password: str | None = field(default_factory=lambda: os.environ.get("ABREC_SMTP_PASSWORD"))
-    starttls: bool = field(default_factory=lambda: os.environ.get("ABREC_SMTP_STARTTLS", "0") == "1")
-    sender: str = field(default_factory=lambda: os.environ.get("ABREC_SMTP_FROM", "abrec@localhost"))
-    timeout_s: float = 30.0
 
 
 def webhook_payload(report: Mapping[str, Any]) -> dict[str, Any]:
