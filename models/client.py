@@ -1,10 +1,11 @@
 """Clients of the model server, as API processes use them: torch-free, with a per-request deadline.
 
 Two implementations share one interface (`ModelClient`): `HttpModelClient` talks to
-`abrec model-server` over keep-alive HTTP; `InProcessModelClient` calls a `ModelServer` object that
-runs inside the same process (the single-process demo). Any failure — refused connection, the
-deadline passing, an error answer, a malformed answer — raises `ModelUnavailable`, so the caller has
-exactly one exception to turn into its fallback.
+`abrec model-server` over keep-alive HTTP (one connection per calling thread);
+`InProcessModelClient` calls a `ModelServer` object that runs inside the same process (the
+single-process demo). Any failure — refused connection, the deadline passing, an error answer, a
+malformed answer — raises `ModelUnavailable`, so the caller has exactly one exception to turn into
+its fallback.
 
 Wire protocol (compact JSON, one request per recommendation):
     POST /v1/recommend {"model": "tron@champion", "items": ["i1", "i2"], "k": 20, "exclude_seen": false}
@@ -15,11 +16,15 @@ Wire protocol (compact JSON, one request per recommendation):
 
 from __future__ import annotations
 
-import json
+import http.client
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
-import urllib3
+import orjson
 
 if TYPE_CHECKING:  # the server (and torch) are only needed by the in-process client's caller
     from abrec.models.server import ModelServer
@@ -57,49 +62,121 @@ def _parse_answer(data: Any) -> Recommendation:
 
 
 class HttpModelClient:
-    """Thread-safe client over a pool of keep-alive connections to one model server.
+    """Thread-safe client: each calling thread keeps its own keep-alive connection to the model server.
 
-    The deadline is the total time allowed for the request (connect + send + answer); there are no
-    retries, since a retry could only land after the deadline anyway.
+    One connection per request thread means the "pool" is always exactly as large as the server's
+    thread count, with no lock or pool bookkeeping on the hot path (the stdlib's http.client costs
+    a fraction of a pooled client's CPU per call, which matters next to a ~1 ms model call).
+
+    The deadline bounds connecting, sending and each read of the answer (the model server sends its
+    small answer in one write); there is no retry after the deadline, since a retry could only land
+    after it anyway. A connection that failed or timed out is closed, so a late answer can never be
+    read as the next request's. One exception: a reused connection that the server had already
+    closed (keep-alive expiry) fails before anything was computed, so that request is sent again
+    once on a fresh connection while time is left.
     """
 
-    def __init__(self, base_url: str, *, pool_size: int = 32) -> None:
+    IDLE_REOPEN_S = 30.0  # well under the model server's keep-alive timeout (60 s)
+
+    def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")
-        # block=False: a burst beyond pool_size opens extra connections instead of queueing for one.
-        self._pool = urllib3.connection_from_url(self.base_url, maxsize=pool_size, block=False, retries=False)
+        parts = urlsplit(self.base_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"model server URL must be http://host:port, got {base_url!r}")
+        self._host, self._port = parts.hostname, parts.port or 80
+        self._local = threading.local()
+        self._all: set[http.client.HTTPConnection] = set()  # every thread's, for close()
+        self._lock = threading.Lock()
+
+    def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection (reused?), opened if needed, with `timeout` on its socket."""
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        now = time.monotonic()
+        if conn is not None and now - self._local.used_at > self.IDLE_REOPEN_S:
+            self._drop(conn)
+            conn = None
+        reused = conn is not None and conn.sock is not None
+        if conn is None:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            self._local.conn = conn
+            with self._lock:
+                self._all.add(conn)
+        if conn.sock is None:
+            conn.timeout = timeout
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            conn.sock.settimeout(timeout)
+        self._local.used_at = now
+        return conn, reused
+
+    def _drop(self, conn: http.client.HTTPConnection) -> None:
+        conn.close()
+        self._local.conn = None
+        with self._lock:
+            self._all.discard(conn)
+
+    def _post(self, body: bytes, deadline_s: float) -> tuple[int, bytes]:
+        end = time.monotonic() + deadline_s
+        for attempt in (1, 2):
+            conn = None
+            try:
+                conn, reused = self._connection(max(end - time.monotonic(), 1e-3))
+                conn.request("POST", "/v1/recommend", body=body, headers=_JSON)
+                conn.sock.settimeout(max(end - time.monotonic(), 1e-3))
+                resp = conn.getresponse()
+                data = resp.read()
+                if resp.will_close:
+                    self._drop(conn)
+                return resp.status, data
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                if conn is not None:
+                    self._drop(conn)
+                if attempt == 2 or not reused or time.monotonic() >= end:
+                    raise _unavailable(self.base_url, exc) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                if conn is not None:
+                    self._drop(conn)
+                raise _unavailable(self.base_url, exc) from exc
+        raise AssertionError("unreachable")
 
     def recommend(
         self, alias: str, items: list[str], k: int, *, exclude_seen: bool = False, deadline_s: float = 0.05
     ) -> Recommendation:
-        body = json.dumps(
-            {"model": alias, "items": items, "k": k, "exclude_seen": exclude_seen}, separators=(",", ":")
-        )
+        body = orjson.dumps({"model": alias, "items": items, "k": k, "exclude_seen": exclude_seen})
+        status, raw = self._post(body, deadline_s)
         try:
-            resp = self._pool.request(
-                "POST",
-                "/v1/recommend",
-                body=body.encode(),
-                headers=_JSON,
-                timeout=urllib3.Timeout(total=deadline_s),
-                retries=False,
-            )
-            data = json.loads(resp.data)
-        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            raise ModelUnavailable(f"model server at {self.base_url}: {exc}") from exc
-        if resp.status != 200:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ModelUnavailable(f"model server at {self.base_url}: malformed JSON answer") from exc
+        if status != 200:
             error = data.get("error") if isinstance(data, dict) else None
-            raise ModelUnavailable(f"model server answered {resp.status}: {error or data!r:.200}")
+            raise ModelUnavailable(f"model server answered {status}: {error or data!r:.200}")
         return _parse_answer(data)
 
     def ready(self) -> bool:
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=1.0)
         try:
-            resp = self._pool.request("GET", "/readyz", timeout=urllib3.Timeout(total=1.0), retries=False)
-        except (urllib3.exceptions.HTTPError, OSError):
+            conn.request("GET", "/readyz")
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
             return False
-        return resp.status == 200
+        finally:
+            conn.close()
 
     def close(self) -> None:
-        self._pool.close()
+        with self._lock:
+            conns, self._all = list(self._all), set()
+        for conn in conns:
+            conn.close()
+
+
+def _unavailable(url: str, exc: Exception) -> ModelUnavailable:
+    if isinstance(exc, TimeoutError):
+        return ModelUnavailable(f"model server at {url}: timed out")
+    if isinstance(exc, ConnectionRefusedError):
+        return ModelUnavailable(f"model server at {url}: connection refused")
+    return ModelUnavailable(f"model server at {url}: {type(exc).__name__}: {exc}")
 
 
 class InProcessModelClient:
