@@ -6,10 +6,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
+import orjson
+from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("abrec.api")
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    """A JSON answer serialised by orjson: the hot endpoints' cheaper stand-in for `jsonify`."""
+    body = orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS)
+    return Response(body, status=status, mimetype="application/json")
 
 
 class ApiError(Exception):
@@ -32,7 +39,7 @@ class ApiError(Exception):
 def install_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return jsonify(exc.to_dict()), exc.status
+        return json_response(exc.to_dict(), exc.status)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

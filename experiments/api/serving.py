@@ -8,18 +8,18 @@ database is unreachable the slate is still served, marked `logged: false`, witho
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 
 from abrec.experiments import metrics
-from abrec.experiments.api.errors import ApiError
+from abrec.experiments.api.errors import ApiError, json_response
 from abrec.experiments.api.state import ApiState, ImpressionInfo, positions_of
 from abrec.experiments.api.validation import parse_body
 from abrec.experiments.eventlog import LogUnavailable, RowsRejected
 from abrec.experiments.service import decide
 from abrec.experiments.signing import BadToken
 from abrec.models.client import ModelUnavailable
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, request
 
 bp = Blueprint("serving", __name__)
 
@@ -57,7 +57,7 @@ def recommend():
     latency_ms = (time.perf_counter() - t0) * 1000
 
     now = state.clock.now()
-    row_id = uuid.uuid4().hex
+    row_id = os.urandom(16).hex()  # 128 random bits, the 32 hex digits a signed id carries
     impression = {
         "id": row_id,
         "experiment_id": snapshot.id,
@@ -108,7 +108,7 @@ def recommend():
     logged = impression_id is not None
     metrics.RECOMMENDATIONS.labels(snapshot.key, decision.arm_name, str(logged).lower()).inc()
     metrics.RECOMMENDATION_LATENCY.labels(snapshot.key, decision.arm_name).observe(time.perf_counter() - t0)
-    return jsonify(
+    return json_response(
         {
             "arm": decision.arm_name,
             "model_version": version,
@@ -163,4 +163,6 @@ def click():
         raise ApiError(409, "click refused by the database", str(exc)[:200]) from None
     duplicate = outcome.duplicate_clicks[0]
     metrics.CLICKS.labels(str(info.experiment_id), info.arm_name, str(duplicate).lower()).inc()
-    return jsonify({"recorded": True, "duplicate": duplicate, "arm": info.arm_name, "position": position})
+    return json_response(
+        {"recorded": True, "duplicate": duplicate, "arm": info.arm_name, "position": position}
+    )
