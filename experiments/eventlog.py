@@ -31,7 +31,7 @@ from typing import Any
 
 from abrec.experiments import metrics
 from abrec.experiments.schema import Click, Exposure, Impression
-from sqlalchemy import Engine, insert
+from sqlalchemy import Connection, Engine, insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 log = logging.getLogger("abrec.eventlog")
@@ -89,6 +89,9 @@ class EventLog:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self.batches = 0  # committed transactions, for tests and /readyz
+        # The writer's own connection, kept between batches: checking one out of the pool and back
+        # for every batch cost more CPU than the inserts of a small batch. Dropped after any error.
+        self._conn: Connection | None = None
         self._insert_exposure = _dialect_insert(engine, Exposure.__table__).on_conflict_do_nothing(
             index_elements=["phase_id", "user_id"]
         )
@@ -199,6 +202,8 @@ class EventLog:
                         if not p.future.done():
                             p.future.set_exception(LogUnavailable(f"event log writer failed: {exc}"))
             if stop:
+                if self._conn is not None:
+                    self._conn.close()
                 return
 
     def _commit_batch(self, batch: list[_Pending]) -> None:
@@ -264,13 +269,21 @@ class EventLog:
         # The first of several identical clicks in one batch is the one that may be new.
         first_clicks = _unique(clicks, ("impression_id", "item_id"))
         inserted: set[tuple[str, str]] = set()
-        with self.engine.begin() as conn:
-            if exposures:
-                conn.execute(self._insert_exposure, exposures)
-            if impressions:
-                conn.execute(self._insert_impression, impressions)
-            if first_clicks:
-                inserted = {(r[0], r[1]) for r in conn.execute(self._insert_click, first_clicks)}
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        conn = self._conn
+        try:
+            with conn.begin():
+                if exposures:
+                    conn.execute(self._insert_exposure, exposures)
+                if impressions:
+                    conn.execute(self._insert_impression, impressions)
+                if first_clicks:
+                    inserted = {(r[0], r[1]) for r in conn.execute(self._insert_click, first_clicks)}
+        except BaseException:
+            self._conn = None  # rolled back; a fresh connection next time (the old one may be dead)
+            conn.close()
+            raise
         outcomes = []
         for p in batch:
             dups = []
