@@ -28,6 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="processes (more than one needs PostgreSQL)")
     p.add_argument("--threads", type=int, default=16, help="request threads per process")
+    p.add_argument(
+        "--server",
+        choices=("auto", "waitress", "gunicorn"),
+        default="auto",
+        help="WSGI server (auto: waitress for one process, gunicorn gthread for several)",
+    )
     models = p.add_mutually_exclusive_group()
     models.add_argument(
         "--model-server", default=None, help="model server URL (default: $ABREC_MODEL_SERVER_URL)"
@@ -63,6 +69,7 @@ def _check(args: argparse.Namespace, url: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from abrec.cli import UsageError
     from abrec.config import get_settings
     from abrec.db import normalise_url
 
@@ -73,8 +80,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings, database_url=url, model_server_url=args.model_server or settings.model_server_url
     )
     _init_schema(url)
-    if args.workers == 1:
+    server = args.server if args.server != "auto" else ("waitress" if args.workers == 1 else "gunicorn")
+    if server == "waitress":
+        if args.workers > 1:
+            raise UsageError("waitress runs one process: use --server gunicorn for --workers > 1")
         return _serve_waitress(args, settings)
+    if args.in_process_models:
+        raise UsageError("--in-process-models runs under waitress (one process)")
     return _serve_gunicorn(args, settings)
 
 
