@@ -8,7 +8,8 @@ do; latency counts from the scheduled arrival, so queueing shows). Each recommen
 followed, on the same connection, by a click on one of its items with probability --click-prob.
 
 Configurations, each on a fresh database:
-  sqlite:   `abrec serve` 1 process (waitress, --threads), SQLite WAL + synchronous=FULL
+  sqlite:   `abrec serve` 1 process (waitress unless --server gunicorn, --threads), SQLite WAL +
+            synchronous=FULL
   postgres: `abrec serve --workers 4` (gunicorn gthread), PostgreSQL at 127.0.0.1:5432
 and, as the baseline, the same arrival rate straight at the model server (no API, no logging):
 what the API and its durable log add on top of the model.
@@ -17,7 +18,8 @@ Reported per configuration: rps (recommendations answered per second), p50_ms / 
 latency from scheduled arrival), cpu_ms_per_rec (CPU of the API processes per recommendation, from
 /proc; clicks included, the model server reported apart), errors (non-200 answers or failed
 connections, recommendations + clicks), fallback_rate, acknowledged (impressions + clicks the API
-acknowledged with an id / 200), lost_events (acknowledged events missing from the database).
+acknowledged with an id / 200), lost_events (acknowledged events missing from the database),
+generator_cpu_ms_per_rec (the load generator's own CPU, on the same cores).
 
     nice -n 10 .venv/bin/python benchmarks/load.py [--rate 300] [--pg-rate 200] [--duration 30]
 """
@@ -30,6 +32,7 @@ import json
 import os
 import platform
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -39,6 +42,8 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+
+import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -197,7 +202,7 @@ def request_sessions(count: int, seed: int = 0) -> tuple[list[list[str]], str]:
 
 
 def _post(path: str, body: dict) -> bytes:
-    data = json.dumps(body, separators=(",", ":")).encode()
+    data = orjson.dumps(body)
     return (
         f"POST {path} HTTP/1.1\r\nHost: load\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(data)}\r\n\r\n"
@@ -279,7 +284,7 @@ async def generate(
             if status != 200:
                 error(f"{status} {raw[:200]!r}", measured, "rec_err")
                 return
-            answer = json.loads(raw)
+            answer = orjson.loads(raw)
             if measured:
                 out["rec_lat"].append(latency)
             if mode == "model":
@@ -299,7 +304,7 @@ async def generate(
                     error(f"click {c_status} {c_raw[:200]!r}", measured, "click_err")
                 elif measured:
                     out["click_lat"].append(loop.time() - sent)
-                    if not json.loads(c_raw)["duplicate"]:
+                    if not orjson.loads(c_raw)["duplicate"]:
                         out["clicks"].append([answer["impression_id"].split(".")[0], item])
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:  # a reset or a broken answer
             error(f"{type(exc).__name__}: {exc}", measured, "rec_err")
@@ -348,11 +353,14 @@ def run_generator(
         str(out_path),
     ]
     start_t = time.monotonic()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed: {proc.stderr[-2000:]}")
     data = json.loads(out_path.read_text())
     data["generator_wall_s"] = time.monotonic() - start_t
+    data["generator_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return data
 
 
@@ -435,6 +443,8 @@ def run_config(
                 str(threads),
                 "--model-server",
                 f"http://127.0.0.1:{model_port}",
+                "--server",
+                args.server,
             ],
             work / f"{name}-api.log",
         )
@@ -487,6 +497,8 @@ def run_config(
             "click_p99_ms": percentile(data["click_lat"], 0.99),
             "unlogged": data["unlogged"],
             "model_server_cpu_ms_per_rec": round(1000 * model_cpu / sent, 3),
+            # The generator shares the machine's cores: what it costs is shown, not hidden.
+            "generator_cpu_ms_per_rec": round(1000 * data["generator_cpu_s"] / sent, 3),
             "error_samples": data["errors_sample"],
         }
     )
@@ -529,11 +541,13 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds per configuration")
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--click-prob", type=float, default=0.5, help="chance that a slate gets a click")
-    # Threads mostly wait (model server, group commit), so one process needs many to keep enough
-    # requests in flight (Little's law); PostgreSQL's 4 processes x 16 give the same 64.
-    p.add_argument("--threads", type=int, default=64, help="request threads of the single SQLite process")
+    # Threads mostly wait (model server, group commit): at 300/s with up to 50 ms model deadline plus
+    # the commit, ~17 are busy at worst (Little's law). More threads than the generator's
+    # --connections can never be busy at once and only add GIL hand-offs (CPU).
+    p.add_argument("--threads", type=int, default=32, help="request threads of the single SQLite process")
     p.add_argument("--pg-threads", type=int, default=16, help="request threads per PostgreSQL API process")
     p.add_argument("--connections", type=int, default=32, help="keep-alive connections of the load generator")
+    p.add_argument("--server", choices=("auto", "waitress", "gunicorn"), default="auto", help="WSGI server")
     p.add_argument("--model-threads", type=int, default=1, help="torch threads of the model server")
     p.add_argument("--tron", default=None)
     p.add_argument("--sasrec", default=None)
