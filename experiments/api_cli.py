@@ -64,12 +64,15 @@ def _check(args: argparse.Namespace, url: str) -> None:
         )
     if args.workers > 1 and args.in_process_models:
         raise UsageError("--in-process-models loads the models into the API process: use it with --workers 1")
+    if args.server == "waitress" and args.workers > 1:
+        raise UsageError("waitress runs one process: use --server gunicorn for --workers > 1")
+    if args.server == "gunicorn" and args.in_process_models:
+        raise UsageError("--in-process-models runs under waitress (one process)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from abrec.cli import UsageError
     from abrec.config import get_settings
     from abrec.db import normalise_url
 
@@ -82,11 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _init_schema(url)
     server = args.server if args.server != "auto" else ("waitress" if args.workers == 1 else "gunicorn")
     if server == "waitress":
-        if args.workers > 1:
-            raise UsageError("waitress runs one process: use --server gunicorn for --workers > 1")
         return _serve_waitress(args, settings)
-    if args.in_process_models:
-        raise UsageError("--in-process-models runs under waitress (one process)")
     return _serve_gunicorn(args, settings)
 
 

@@ -95,6 +95,17 @@ def test_serve_refuses_several_processes_on_sqlite(tmp_path) -> None:
     assert out.returncode == 2 and "needs PostgreSQL" in out.stderr
 
 
+def test_serve_refuses_waitress_with_several_processes(tmp_path) -> None:
+    out = subprocess.run(
+        [*ABREC, "serve", "--db", "postgresql://root@127.0.0.1:1/x", "--workers", "2", "--server=waitress"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "waitress runs one process" in out.stderr
+
+
 @pytest.mark.postgres
 def test_gunicorn_workers_on_postgresql_share_metrics_and_clock(pg_url, tmp_path, make_checkpoint) -> None:
     world = seed(pg_url, tmp_path / "store", make_checkpoint)
