@@ -291,7 +291,8 @@ def measure_sql_snapshot(url: str) -> dict:
     t = time.perf_counter()
     with engine.connect() as conn:
         phase_id = conn.execute(select(Phase.id).where(Phase.number == 2)).scalar_one()
-        users = user_rows_query(PhaseScope.load(conn, 1, phase_id), _until()).subquery()
+        scope = PhaseScope.load(conn, 1, phase_id)
+        users = user_rows_query(scope, conn.dialect.name, _until()).subquery()
         x, y = users.c.clicks, users.c.impressions
         rows = conn.execute(
             select(
