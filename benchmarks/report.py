@@ -281,7 +281,7 @@ def _until() -> datetime:
 
 def measure_sql_snapshot(url: str) -> dict:
     """Like for like with the baseline: the last day's sums per arm, per user then per arm in SQL."""
-    from abrec.analysis.aggregate import PhaseScope, user_rows_query
+    from abrec.analysis.aggregate import PhaseScope, plan_for, user_rows_query
     from abrec.experiments.schema import Phase
     from sqlalchemy import func, select
 
@@ -292,7 +292,7 @@ def measure_sql_snapshot(url: str) -> dict:
     with engine.connect() as conn:
         phase_id = conn.execute(select(Phase.id).where(Phase.number == 2)).scalar_one()
         scope = PhaseScope.load(conn, 1, phase_id)
-        users = user_rows_query(scope, conn.dialect.name, _until()).subquery()
+        users = user_rows_query(scope, plan_for(conn), _until()).subquery()
         x, y = users.c.clicks, users.c.impressions
         rows = conn.execute(
             select(
