@@ -40,6 +40,26 @@ class Block(nn.Module):
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, length, d)))
         return x + self.drop(self.ff2(self.drop(F.relu(self.ff1(self.ln2(x))))))
 
+    def forward_packed(self, x: Tensor, kept: Tensor, shape: tuple[int, int], allowed: Tensor,
+                       last_only: bool) -> Tensor:
+        """Inference on kept positions only: x [T, d] holds the positions `kept` (indices into the
+        flattened [B, L] = `shape` batch, ending with the last column's B positions in row order);
+        -> the same rows, or with `last_only` the last position's [B, d].
+
+        Only attention mixes positions, so every other layer runs on the T kept rows instead of all
+        B * L; queries of positions that are never read are not computed.
+        """
+        (b, length), d = shape, x.shape[1]
+        qkv = x.new_zeros(b * length, 3 * d)  # padding keys stay zero; they are masked anyway
+        qkv[kept] = self.qkv(self.ln1(x))
+        q, k, v = qkv.view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            q, allowed = q[:, :, -1:], allowed[:, :, -1:]
+            x = x[-b:]  # the last column is kept in every row, so the B last kept positions are it
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).transpose(1, 2)
+        x = x + self.proj(a.reshape(b, d) if last_only else a.reshape(b * length, d)[kept])
+        return x + self.ff2(F.relu(self.ff1(self.ln2(x))))
+
 
 class SASRec(nn.Module):
     arch = "sasrec"
@@ -60,24 +80,48 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
 
+    def _embed(self, items: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (input embeddings [B, L, d], attention mask [B, 1, L, L] of the keys each query sees)."""
+        length = items.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
+        x = self.item_emb(items) * math.sqrt(self.hidden) + self.pos_emb.weight[self.max_len - length:]
+        causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+        # Padding keys are hidden; every query may attend to itself so that padded rows, whose
+        # output is never used, do not turn into NaN.
+        allowed = (causal & mask[:, None, :]) | torch.eye(length, dtype=torch.bool, device=items.device)
+        return x, allowed[:, None]
+
     def forward(self, items: Tensor, mask: Tensor) -> Tensor:
         """items [B, L] left-padded internal ids, mask [B, L] True at real clicks -> hidden [B, L, d].
 
         Position t's output sees clicks 0..t only; its dot product with item i's embedding is
         the score of i being clicked next.
         """
-        length = items.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
-        x = self.item_emb(items) * math.sqrt(self.hidden) + self.pos_emb.weight[self.max_len - length:]
+        x, allowed = self._embed(items, mask)
         x = self.drop(x)
-        causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
-        # Padding keys are hidden; every query may attend to itself so that padded rows, whose
-        # output is never used, do not turn into NaN.
-        allowed = (causal & mask[:, None, :]) | torch.eye(length, dtype=torch.bool, device=items.device)
-        allowed = allowed[:, None]
         for block in self.blocks:
             x = block(x, allowed)
+        return self.norm(x)
+
+    def forward_last(self, items: Tensor, mask: Tensor) -> Tensor:
+        """Inference only: forward(items, mask)[:, -1], the hidden state after the newest click [B, d].
+
+        Sessions are short next to a batch's longest (Diginetica: ~3 clicks padded to ~9 in a
+        batch of 16), so the position-wise layers run on real clicks only, and the last block
+        computes the last position alone.
+        """
+        if self.training:
+            raise RuntimeError("forward_last is for inference; call eval() first")
+        keep = mask.clone()
+        keep[:, -1] = True  # an empty session is read at its last position too, as in forward
+        # Kept positions column-major, so that the last column's B positions come last.
+        kept = keep.T.reshape(-1).nonzero()[:, 0]
+        kept = (kept % items.shape[0]) * items.shape[1] + kept // items.shape[0]
+        x, allowed = self._embed(items, mask)
+        x = x.reshape(-1, self.hidden)[kept]
+        for i, block in enumerate(self.blocks):
+            x = block.forward_packed(x, kept, items.shape, allowed, last_only=i == len(self.blocks) - 1)
         return self.norm(x)
 
     def output_weight(self) -> Tensor:

@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
     p.add_argument("--poll-s", type=float, default=1.0, help="seconds between alias checks")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="scoring precision; bf16 shortlists, fp32 re-scores the shortlist (default: bf16 "
+                   "where the device multiplies bf16 natively, else fp32)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: one per core but one)")
     p.set_defaults(func=run)
 
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             max_delay_s=args.max_delay_ms / 1000,
             poll_s=args.poll_s,
+            precision=args.precision,
         )
     except RegistryError as exc:
         raise UsageError(str(exc)) from None

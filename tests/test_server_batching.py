@@ -28,8 +28,8 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@pytest.fixture
-def served(sqlite_url: str, tmp_path: Path, make_checkpoint):
+@pytest.fixture(params=["fp32", "bf16"])
+def served(request, sqlite_url: str, tmp_path: Path, make_checkpoint):
     engine = make_engine(sqlite_url)
     init_db(engine)
     sessions = session_factory(engine)
@@ -40,8 +40,9 @@ def served(sqlite_url: str, tmp_path: Path, make_checkpoint):
         registry.set_alias(s, "tron@champion", "tron:1", actor="t")
         s.commit()
     # A long queue delay makes sure concurrent submissions really share forward passes.
+    # bf16 shortlists and re-scores in fp32: it must give fp32's answers too.
     server = ModelServer(sessions, store, aliases=["tron@champion"], discover=False, max_batch=32,
-                         max_delay_s=0.05, poll_s=60).start()
+                         max_delay_s=0.05, poll_s=60, precision=request.param).start()
     assert server.wait_ready(30), server.readiness()
     yield server, load_checkpoint(path)
     server.close()

@@ -107,6 +107,7 @@ def test_health_readiness_status_and_metrics(live) -> None:
     loaded = status["loaded"]["tron:1"]
     # 61 item rows x 16 + 10 positions x 16 + one transformer block of width 16 + LayerNorms, fp32.
     assert loaded["memory_bytes"] > 61 * 16 * 4 and loaded["items"] == 60 and status["device"] == "cpu"
+    assert status["precision"] in ("fp32", "bf16")
     metrics = requests.get(f"{http.url}/metrics").text
     memory = float(loaded["memory_bytes"])
     assert f'abrec_model_memory_bytes{{device="cpu",version="tron:1"}} {memory}' in metrics
@@ -202,7 +203,8 @@ def test_model_server_command(sqlite_url: str, tmp_path: Path, make_checkpoint) 
     engine.dispose()
     port = _free_port()
     cmd = [sys.executable, "-m", "abrec.cli", "model-server", "--db", sqlite_url, "--store", str(store.root),
-           "--port", str(port), "--aliases", "tron@champion,sasrec:1", "--no-discover", "--max-batch", "8"]
+           "--port", str(port), "--aliases", "tron@champion,sasrec:1", "--no-discover", "--max-batch", "8",
+           "--precision", "bf16"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
     try:
