@@ -9,14 +9,16 @@ queueing shows). Both servers run side by side and the two modes take turns at e
 several rounds, so the background load of a shared machine falls on both alike; each figure is
 the round of median throughput (all rounds are kept in the JSON). The load
 generator is one asyncio process speaking raw keep-alive HTTP/1.1 with pre-encoded requests, so it
-takes little of the CPU it measures.
+takes little of the CPU it measures. Both servers get the same settings but batching: the model
+server's default precision and thread count, or `--precision` / `--threads` for both.
 
 Checkpoints: `--tron` / `--sasrec`, by default the offline benchmark's (runs/offline/KIND/) when
 present, else untrained models of the same size (serving cost does not depend on the weights).
 Request sessions are prefixes of Diginetica test sessions when ../shared/data is present, else
 random ones of similar length.
 
-    .venv/bin/python benchmarks/serving.py [--duration 5] [--tron PATH --sasrec PATH]
+    .venv/bin/python benchmarks/serving.py [--duration 3] [--rounds 5] [--precision fp32|bf16]
+        [--threads N] [--tron PATH --sasrec PATH]
 """
 
 from __future__ import annotations
@@ -99,35 +101,43 @@ def request_sessions(count: int, seed: int = 0) -> tuple[list[list[str]], str]:
             "random sessions of 1-9 clicks (Diginetica absent)")
 
 
-def forward_costs(store: Path, db_url: str, sessions: list[list[str]], reps: int = 15) -> dict:
-    """CPU milliseconds of one batched forward pass + top-20 per model and batch size, in process,
-    with the server's single torch thread: median and fastest of `reps`. CPU time, unlike wall
+def forward_costs(store: Path, db_url: str, sessions: list[list[str]], precision: str, threads: int,
+                  reps: int = 15) -> dict:
+    """CPU milliseconds of one batch through the server's own compute path (`LoadedVersion.run`:
+    forward pass, scoring, top-20, answers) per model and batch size, in process, with the
+    server's precision and thread count: median and fastest of `reps`. CPU time, unlike wall
     time, barely changes when other jobs share the cores."""
+    from concurrent.futures import Future
+
     import torch
     from abrec.models import registry
     from abrec.models.checkpoint import load_checkpoint
-    from abrec.models.inference import hidden_last
+    from abrec.models.server import LoadedVersion
     from abrec.models.store import DirectoryStore
 
     from abrec.db import make_engine, session_factory
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     engine = make_engine(db_url)
     costs: dict = {}
     with session_factory(engine)() as session:
         for ref in MODELS:
             row = registry.resolve(session, ref)
             ckpt = load_checkpoint(DirectoryStore(store).fetch(row.artifact_key))
-            scoring = ckpt.model.output_weight().detach().T.contiguous()  # as the server scores
-            internal = [[i for i in (ckpt.item_map.to_internal(x) for x in s) if i] or [1] for s in sessions]
+            lv = LoadedVersion(row, ckpt.model, ckpt.item_map, ckpt.popular, "cpu", precision)
             costs[row.label] = {}
             for size in (1, 8, 16, 32, 64):
                 times = []
                 for r in range(reps + 2):
-                    batch = internal[r * size % len(internal):][:size]
+                    batch = []
+                    for items in sessions[r * size % len(sessions):][:size]:
+                        future: Future = Future()
+                        request = lv.prepare(items or ["?"], 20, False, future)
+                        if request is not None:
+                            future.set_running_or_notify_cancel()
+                            batch.append(request)
                     t0 = time.process_time()
-                    with torch.inference_mode():
-                        torch.topk(hidden_last(ckpt.model, batch) @ scoring, 20, dim=1)
+                    lv.run(batch)
                     times.append(time.process_time() - t0)
                 costs[row.label][str(size)] = {"median": round(float(np.median(times[2:])) * 1000, 2),
                                                "min": round(min(times[2:]) * 1000, 2)}
@@ -282,12 +292,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db_url: str, store: Path, port: int, max_batch: int, max_delay: float) -> subprocess.Popen:
+def start_server(db_url: str, store: Path, port: int, max_batch: int, max_delay: float,
+                 extra: list[str]) -> subprocess.Popen:
     import urllib.request
 
     cmd = [sys.executable, "-m", "abrec.cli", "model-server", "--db", db_url, "--store", str(store), "--port",
            str(port), "--aliases", ",".join(MODELS), "--no-discover", "--max-batch", str(max_batch),
-           "--max-delay-ms", str(max_delay)]
+           "--max-delay-ms", str(max_delay), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     end = time.monotonic() + 300
     while time.monotonic() < end:
@@ -352,6 +363,10 @@ def main() -> int:
                         help="open-loop Poisson arrivals per second (both modes get the same)")
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
     parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--precision", choices=("fp32", "bf16"),
+                        help="scoring precision of both servers (default: the model server's)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads of both servers (default: the model server's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
     args = parser.parse_args()
 
@@ -365,8 +380,11 @@ def main() -> int:
         ports = {mode: free_port() for mode in modes}
         procs = {}
         try:
+            # Both modes get the same settings but batching.
+            extra = [*(["--precision", args.precision] if args.precision else []),
+                     *(["--threads", str(args.threads)] if args.threads else [])]
             for mode, (max_batch, delay) in modes.items():
-                procs[mode] = start_server(db_url, store, ports[mode], max_batch, delay)
+                procs[mode] = start_server(db_url, store, ports[mode], max_batch, delay, extra)
             # Both servers stay up and the modes take turns at every point, in several rounds, so
             # that the background load of this shared machine falls on both alike.
             raw: dict = {(m, c): [] for m in modes for c in CALLERS}
@@ -376,7 +394,6 @@ def main() -> int:
                     asyncio.run(closed_loop(ports[mode], procs[mode].pid, callers, requests, args.warmup,
                                             args.duration)))
             rate = args.open_rate
-            results["forward_cpu_ms_by_batch_size"] = forward_costs(store, db_url, sessions)
             for mode in modes:
                 tqdm.write(f"{mode}: open loop at {rate}/s")
                 results["modes"][mode]["open_loop"] = asyncio.run(
@@ -384,9 +401,15 @@ def main() -> int:
                 status = server_status(ports[mode])
                 results["modes"][mode]["memory_bytes"] = {
                     label: info["memory_bytes"] for label, info in status["loaded"].items()}
+                results["modes"][mode] |= {"precision": status["precision"],
+                                           "torch_threads": status["torch_threads"]}
         finally:
             for proc in procs.values():
                 stop_server(proc)
+        # After the servers are gone, so that it does not compete with them.
+        batched = results["modes"]["batched"]
+        results["forward_cpu_ms_by_batch_size"] = forward_costs(store, db_url, sessions, batched["precision"],
+                                                                batched["torch_threads"])
     for label, by_size in results["forward_cpu_ms_by_batch_size"].items():
         tqdm.write(f"  forward + top-20 CPU, {label}: " + ", ".join(
             f"B={b} {t['median']} ms (min {t['min']})" for b, t in by_size.items()))

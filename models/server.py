@@ -604,6 +604,7 @@ class ModelServer:
         state |= {
             "device": self.device,
             "precision": self.precision,
+            "torch_threads": torch.get_num_threads(),
             "max_batch": self.max_batch,
             "max_delay_ms": self.max_delay_s * 1000,
             "loaded": {
