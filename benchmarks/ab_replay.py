@@ -164,6 +164,7 @@ def main() -> int:
             "rel_lift": float(c.rel_lift), "rel_lift_ci": [float(c.rel_lift_ci[0]), float(c.rel_lift_ci[1])],
             "p_value": float(c.p_value), "predicted_rel_lift": predicted,
             "prediction_inside": bool(c.rel_lift_ci[0] <= predicted <= c.rel_lift_ci[1]),
+            "prediction_z": float((c.rel_lift - predicted) / c.rel_lift_se),
             "offline_recall@20_ratio": predictions[a].recall() / predictions[control].recall(),
             "offline_mrr@20_ratio": predictions[a].mrr() / predictions[control].mrr(),
         }
@@ -173,6 +174,9 @@ def main() -> int:
         comparisons[a]["p_value_holm"] = float(p)
     inside = {a: bool(out["ctr_ci"][a][0] <= out["predicted_ctr"][a] <= out["ctr_ci"][a][1]) for a in stats}
     inside |= {f"rel_lift_{a}": comparisons[a]["prediction_inside"] for a in treatments}
+    # How far each measured CTR lies from its prediction, in standard errors (the 95% check is |z| < 1.96).
+    ctr_z = {a: (out["ctr"][a] - out["predicted_ctr"][a]) / float(np.sqrt(ctr_variance(s)))
+             for a, s in stats.items()}
     headline = "tron" if "tron" in comparisons else treatments[0]
     tron = comparisons[headline]
     # Expected CTR given the slates actually served vs the offline prediction for the same sessions:
@@ -192,6 +196,8 @@ def main() -> int:
         "comparisons": comparisons,
         "prediction_inside": inside,
         "prediction_check_passed": all(inside.values()),
+        "prediction_z": {**ctr_z, **{f"rel_lift_{a}": comparisons[a]["prediction_z"] for a in treatments}},
+        "clicks_given_served_slates": served_slate_check(result, click_model),
         "offline_recall@20": {a: p.recall() for a, p in predictions.items()},
         "offline_recall@20_ratio": tron["offline_recall@20_ratio"],
         "offline_mrr@20": {a: p.mrr() for a, p in predictions.items()},
@@ -218,8 +224,9 @@ def main() -> int:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "ab-replay.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(out, dest / "ab-replay.html")
-    print(json.dumps({k: out[k] for k in ("ctr", "predicted_ctr", "comparisons", "srm_p_value",
-                                          "prediction_check_passed", "fallbacks", "offline_test")}, indent=2))
+    shown = ("ctr", "predicted_ctr", "comparisons", "srm_p_value", "prediction_check_passed", "prediction_z",
+             "clicks_given_served_slates", "fallbacks", "offline_test")
+    print(json.dumps({k: out[k] for k in shown}, indent=2))
     print("aa:", json.dumps(out["aa"]))
     print(f"wrote {dest / 'ab-replay.json'} in {out['minutes_total']:.1f} min")
     return 0
@@ -238,6 +245,32 @@ def train_arm(arm: str, minutes: float, data: str, out: Path) -> None:
     out.joinpath("training.json").write_text(json.dumps({
         "command": " ".join(argv), "cap_minutes": minutes, "wall_minutes": (time.monotonic() - t0) / 60,
         "date": datetime.now(UTC).isoformat(timespec="seconds")}, indent=2) + "\n")
+
+
+def served_slate_check(result, click_model) -> dict:
+    """Per arm, the logged clicks against their expectation given the slates actually served.
+
+    Unlike the prediction check this leaves out which sessions each arm drew: what remains is the
+    click model's own noise (independent per impression), so a z beyond about 3 means clicks were
+    lost, doubled or credited to the wrong impression or arm.
+    """
+    import math
+
+    out = {}
+    for arm in result.arms:
+        mean = var = 0.0
+        clicks = 0
+        for r in result.records:
+            if r.arm != arm or r.impression_id is None:
+                continue
+            # Clicks of one impression: the true click (prob. e) plus a noise click (prob. n) on
+            # one of the k items, counted once when it repeats the true click; 2 with prob. e n (1 - 1/k).
+            e, n, k = click_model.examine(r.rank), click_model.noise, click_model.k
+            mean += r.expected_clicks
+            var += r.expected_clicks + 2 * e * n * (1 - 1 / k) - r.expected_clicks**2
+            clicks += len(r.clicks)
+        out[arm] = {"expected_clicks": mean, "clicks": clicks, "z": (clicks - mean) / math.sqrt(var)}
+    return out
 
 
 def checkpoint_metrics(path: Path) -> dict:
