@@ -53,6 +53,7 @@ log = logging.getLogger("abrec.model_server")
 MAX_ITEMS = 1000  # items per request; the model reads only its max_len newest anyway
 MAX_K = 1000
 MAX_BODY = 256 * 1024
+MAX_TIMEOUT_MS = 600_000
 PRECISIONS = ("fp32", "bf16")
 # bf16 scores pick k + SHORTLIST_MARGIN candidates for fp32 re-scoring: bf16 rounding (~0.4 %) can
 # reorder near-ties, but not push one of the fp32 top k that far down.
@@ -77,6 +78,10 @@ class BadRequest(ValueError):
     """The request is malformed; the message names the problem."""
 
 
+class DeadlineExceeded(TimeoutError):
+    """The caller's deadline passed while the request waited: it was dropped, not computed."""
+
+
 @dataclass(frozen=True)
 class Result:
     items: list[str]
@@ -93,6 +98,7 @@ class _Request:
     unknown: int
     future: Future
     t0: float = field(default_factory=time.perf_counter)
+    deadline: float = float("inf")  # perf_counter time after which the caller no longer waits
 
 
 _STOP = object()
@@ -176,8 +182,17 @@ class Batcher:
             with self._device_lock:
                 if not stopping:  # take what arrived while another model held the device
                     stopping = self._fill(batch, 0.0)
-                # A caller that gave up (deadline) cancelled its future: don't compute for it.
-                live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+                # A caller that gave up cancelled its future, or its deadline passed: computing its
+                # answer would only delay the live requests behind it (overload feeds on itself).
+                now = time.perf_counter()
+                live = []
+                for r in batch:
+                    if not r.future.set_running_or_notify_cancel():
+                        continue
+                    if now > r.deadline:
+                        r.future.set_exception(DeadlineExceeded("the deadline passed before the model ran"))
+                        continue
+                    live.append(r)
                 if not live:
                     continue
                 self._observe_batch(len(live))
@@ -252,7 +267,8 @@ class LoadedVersion:
         self.load_seconds = 0.0
         self.batcher: Batcher | None = None
 
-    def prepare(self, items: list[str], k: int, exclude_seen: bool, future: Future) -> _Request | None:
+    def prepare(self, items: list[str], k: int, exclude_seen: bool, future: Future,
+                deadline: float = float("inf")) -> _Request | None:
         """Map the shop's ids to internal ones; answer at once (None) when none is known."""
         session = [i for i in (self.internal.get(item) for item in items) if i is not None]
         unknown = len(items) - len(session)
@@ -261,7 +277,7 @@ class LoadedVersion:
             top = [int(i) for i in self.popular[:k]]
             future.set_result(Result(self.external[top].tolist(), [], self.label, unknown))
             return None
-        return _Request(session, k, exclude_seen, unknown, future)
+        return _Request(session, k, exclude_seen, unknown, future, deadline=deadline)
 
     def run(self, batch: list[_Request]) -> None:
         """One forward pass for the whole batch, then per-request exclusion and top-k."""
@@ -540,14 +556,20 @@ class ModelServer:
 
     # ---------------------------------------------------------------- serving
 
-    def submit(self, ref: str, items: list[str], k: int, *, exclude_seen: bool = False) -> Future:
-        """Queue one recommendation; the future resolves to a Result (or the model's exception)."""
+    def submit(self, ref: str, items: list[str], k: int, *, exclude_seen: bool = False,
+               timeout_s: float | None = None) -> Future:
+        """Queue one recommendation; the future resolves to a Result (or the model's exception).
+
+        With `timeout_s`, a request still queued that long after now is dropped uncomputed and its
+        future fails with DeadlineExceeded (the remote caller has given up by then).
+        """
         future: Future = Future()
+        deadline = time.perf_counter() + timeout_s if timeout_s is not None else float("inf")
         for _ in range(3):  # a swap can retire the version between lookup and submit: look again
             lv = self._routes.get(ref)
             if lv is None:
                 raise NotServed(self._not_served_reason(ref))
-            request = lv.prepare(items, k, exclude_seen, future)
+            request = lv.prepare(items, k, exclude_seen, future, deadline)
             if request is None:
                 return future
             try:
@@ -637,9 +659,10 @@ class ModelServer:
                                   registry=self.metrics, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.metrics.register(_StateCollector(self))
 
-    def observe(self, result: Result | None, seconds: float, version: str | None) -> None:
+    def observe(self, result: Result | None, seconds: float, version: str | None, outcome: str = "error"
+                ) -> None:
         if result is None:
-            self._m_requests.labels(version or "none", "error").inc()
+            self._m_requests.labels(version or "none", outcome).inc()
             return
         self._m_requests.labels(result.version, "ok").inc()
         self._m_latency.labels(result.version).observe(seconds)
@@ -677,15 +700,19 @@ def _valid(parse: Callable[[str], Any], ref: str) -> bool:
 # -------------------------------------------------------------------- HTTP
 
 
-def parse_recommend(body: bytes) -> tuple[str, list[str], int, bool]:
-    """Validate a /v1/recommend body; BadRequest names the first problem found."""
+def parse_recommend(body: bytes) -> tuple[str, list[str], int, bool, float | None]:
+    """Validate a /v1/recommend body -> (model, items, k, exclude_seen, timeout in seconds or None).
+
+    BadRequest names the first problem found. `timeout_ms`, optional, is how long the caller will
+    wait: a request still queued after that is dropped uncomputed (answered 504).
+    """
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
-    extra = set(data) - {"model", "items", "k", "exclude_seen"}
+    extra = set(data) - {"model", "items", "k", "exclude_seen", "timeout_ms"}
     if extra:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(extra))}")
     model, items, k, exclude = data.get("model"), data.get("items"), data.get("k", 20), data.get(
@@ -702,7 +729,11 @@ def parse_recommend(body: bytes) -> tuple[str, list[str], int, bool]:
         raise BadRequest(f"'k' must be an integer in 1..{MAX_K}")
     if not isinstance(exclude, bool):
         raise BadRequest("'exclude_seen' must be true or false")
-    return model, [str(i) for i in items], k, exclude
+    timeout_ms = data.get("timeout_ms")
+    if timeout_ms is not None and (not isinstance(timeout_ms, int | float) or isinstance(timeout_ms, bool)
+                                   or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
+        raise BadRequest(f"'timeout_ms' must be a number in (0, {MAX_TIMEOUT_MS}]")
+    return model, [str(i) for i in items], k, exclude, None if timeout_ms is None else timeout_ms / 1000
 
 
 class _LoopBridge:
@@ -787,14 +818,18 @@ class HttpApp:
                 break
         result = None
         try:
-            model, items, k, exclude = parse_recommend(body)
+            model, items, k, exclude, timeout_s = parse_recommend(body)
             if self._bridge is None:
                 self._bridge = _LoopBridge(asyncio.get_running_loop())
-            result = await self._bridge.wrap(self.server.submit(model, items, k, exclude_seen=exclude))
+            future = self.server.submit(model, items, k, exclude_seen=exclude, timeout_s=timeout_s)
+            result = await self._bridge.wrap(future)
         except BadRequest as exc:
             return await _reply(send, 400, {"error": str(exc)})
         except NotServed as exc:
             return await _reply(send, 404, {"error": str(exc)})
+        except DeadlineExceeded as exc:
+            self.server.observe(None, 0.0, None, outcome="expired")
+            return await _reply(send, 504, {"error": str(exc)})
         except Exception as exc:  # the model raised: the client falls back
             self.server.observe(None, 0.0, None)
             return await _reply(send, 500, {"error": f"model failed: {type(exc).__name__}: {exc}"})

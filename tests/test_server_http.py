@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,8 @@ BAD_REQUESTS = [
     (b'{"model": "tron@champion", "items": [], "k": "5"}', 400, "'k'"),
     (b'{"model": "tron@champion", "items": [], "exclude_seen": 1}', 400, "exclude_seen"),
     (b'{"model": "tron@champion", "items": [], "extra": 1}', 400, "extra"),
+    (b'{"model": "tron@champion", "items": [], "timeout_ms": 0}', 400, "timeout_ms"),
+    (b'{"model": "tron@champion", "items": [], "timeout_ms": "50"}', 400, "timeout_ms"),
     (b'{"model": "tron@other", "items": []}', 404, "not served"),
     (b'{"model": "tron@champion", "items": ["x"]}' + b" " * 300_000, 413, "larger"),
 ]
@@ -145,6 +148,36 @@ def test_slow_model_past_the_deadline_is_unavailable(live, monkeypatch) -> None:
         HttpModelClient(http.url).recommend("tron@champion", ["i1"], 5, deadline_s=0.05)
     with pytest.raises(ModelUnavailable):
         InProcessModelClient(server).recommend("tron@champion", ["i1"], 5, deadline_s=0.05)
+
+
+def test_requests_queued_past_their_timeout_are_dropped_uncomputed(live, monkeypatch) -> None:
+    server, http = live
+    real = server_module.hidden_last
+    computed: list[list[list[int]]] = []
+
+    def slow(model, sessions):
+        computed.append(sessions)
+        time.sleep(0.4)
+        return real(model, sessions)
+
+    monkeypatch.setattr(server_module, "hidden_last", slow)
+    url = f"{http.url}/v1/recommend"
+    with ThreadPoolExecutor(4) as pool:
+        blocker = pool.submit(requests.post, url, json={"model": "tron@champion", "items": ["i1"], "k": 3})
+        time.sleep(0.1)  # the blocker holds the device now
+        body = {"model": "tron@champion", "items": ["i2", "i3"], "k": 3, "timeout_ms": 50}
+        short = [pool.submit(requests.post, url, json=body) for _ in range(3)]
+        answers = [f.result(timeout=10) for f in short]
+        assert blocker.result(timeout=10).status_code == 200
+    assert [a.status_code for a in answers] == [504] * 3
+    assert all("deadline passed" in a.json()["error"] for a in answers)
+    # Only the blocker's one-click session ever reached the model (the others had two clicks).
+    assert [[len(session) for session in batch] for batch in computed] == [[1]]
+    assert 'abrec_model_requests_total{outcome="expired",version="none"} 3.0' in requests.get(
+        f"{http.url}/metrics").text
+    # The HTTP client sends its deadline, so the same happens to an API process that gave up.
+    monkeypatch.undo()
+    assert HttpModelClient(http.url).recommend("tron@champion", ["i1"], 3, deadline_s=5).version == "tron:1"
 
 
 def test_stopped_server_is_unavailable(live) -> None:
