@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from itertools import accumulate
@@ -69,7 +68,6 @@ from sqlalchemy.sql.elements import ColumnElement
 PRE_DAY = -1  # the day index of a user's pre-period row in the per-(user, day) table
 LATENCY_RESOLUTION_MS = 0.1  # serving latencies are bucketed at this width for the percentiles
 PG_WORK_MEM = "256MB"  # per hash of the one pass over the log on PostgreSQL
-SQLITE_CACHE_KIB = 256 * 1024  # page cache of the report's connection on SQLite (default: 2 MiB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,27 +326,26 @@ def aggregate_phase(conn: Connection, experiment_id: int, phase_id: int, last_da
     Runs a handful of statements on `conn` (use one transaction, so they see one state of the
     log) and a temporary table that is dropped before returning.
     """
-    with _sqlite_cache(conn):
-        scope = PhaseScope.load(conn, experiment_id, phase_id)
-        if last_day < scope.first_day:
-            raise ValueError(f"phase {phase_id} started on {scope.first_day}, after {last_day}")
-        bounds = day_bounds(scope.first_day, last_day, scope.timezone)
-        days = [scope.first_day + timedelta(days=i) for i in range(len(bounds) - 1)]
+    scope = PhaseScope.load(conn, experiment_id, phase_id)
+    if last_day < scope.first_day:
+        raise ValueError(f"phase {phase_id} started on {scope.first_day}, after {last_day}")
+    bounds = day_bounds(scope.first_day, last_day, scope.timezone)
+    days = [scope.first_day + timedelta(days=i) for i in range(len(bounds) - 1)]
 
-        user_days = _user_days_table()
-        user_days.drop(conn, checkfirst=True)
-        user_days.create(conn)
-        try:
-            _fill_user_days(conn, scope, user_days, bounds)
-            arms = _arms(conn, experiment_id)
-            entries = _entries(conn, scope, user_days, bounds)
-            increments = _increments(conn, user_days)
-            snapshots = _cumulate(days, arms, entries, increments)
-            novelty = _novelty(conn, user_days, entries, len(days), arms)
-        finally:
-            user_days.drop(conn)
-        health = _health(conn, scope, bounds, days, arms)
-        return PhaseAggregate(days, snapshots, novelty, health, phase_health(health))
+    user_days = _user_days_table()
+    user_days.drop(conn, checkfirst=True)
+    user_days.create(conn)
+    try:
+        _fill_user_days(conn, scope, user_days, bounds)
+        arms = _arms(conn, experiment_id)
+        entries = _entries(conn, scope, user_days, bounds)
+        increments = _increments(conn, user_days)
+        snapshots = _cumulate(days, arms, entries, increments)
+        novelty = _novelty(conn, user_days, entries, len(days), arms)
+    finally:
+        user_days.drop(conn)
+    health = _health(conn, scope, bounds, days, arms)
+    return PhaseAggregate(days, snapshots, novelty, health, phase_health(health))
 
 
 @dataclass(frozen=True)
@@ -375,50 +372,31 @@ def aggregate_day(
     Events logged after a night's run with an earlier `created_at` reach the snapshot of later
     days but not the earlier days' stored views; `aggregate_phase` recomputes everything.
     """
-    with _sqlite_cache(conn):
-        scope = PhaseScope.load(conn, experiment_id, phase_id)
-        if day < scope.first_day:
-            raise ValueError(f"phase {phase_id} started on {scope.first_day}, after {day}")
-        bounds = day_bounds(scope.first_day, day, scope.timezone)
-        days = [scope.first_day + timedelta(days=i) for i in range(len(bounds) - 1)]
-        last = len(days) - 1
-        arms = _arms(conn, experiment_id)
-        snapshot = _snapshot(conn, scope, bounds[-1], arms)
+    scope = PhaseScope.load(conn, experiment_id, phase_id)
+    if day < scope.first_day:
+        raise ValueError(f"phase {phase_id} started on {scope.first_day}, after {day}")
+    bounds = day_bounds(scope.first_day, day, scope.timezone)
+    days = [scope.first_day + timedelta(days=i) for i in range(len(bounds) - 1)]
+    last = len(days) - 1
+    arms = _arms(conn, experiment_id)
+    snapshot = _snapshot(conn, scope, bounds[-1], arms)
 
-        cells = _day_cells(conn, scope, bounds, last)
-        novelty: dict[int, dict[str, ArmStats]] = {}
-        for k in range(len(days)):
-            for arm in arms:
-                # Users first exposed k or more days before `day` have reached their k-th day.
-                n = sum(cell["n"] for (a, j), cell in cells.items() if a == arm and j >= k)
-                if n == 0:
-                    continue
-                before = novelty_before.get(k, {}).get(arm)
-                sums = {
-                    f: (float(getattr(before, f)) if before else 0.0) + cells.get((arm, k), {}).get(f, 0.0)
-                    for f in NOVELTY_FIELDS[1:]
-                }
-                novelty.setdefault(k, {})[arm] = ArmStats(n=n, **sums)
-        health = _health(conn, scope, bounds, days, arms, first=last)[day]
-        return DayAggregate(snapshot, novelty, health)
-
-
-@contextmanager
-def _sqlite_cache(conn: Connection) -> Iterator[None]:
-    """On SQLite, a larger page cache for the report's statements, restored afterwards.
-
-    With the default 2 MiB, the per-user index seeks (millions of them at 10M impressions) keep
-    reading pages back from the OS, and the first night's sorts spill to disk sooner.
-    """
-    if conn.dialect.name != "sqlite":
-        yield
-        return
-    before = conn.exec_driver_sql("PRAGMA cache_size").scalar()
-    conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
-    try:
-        yield
-    finally:
-        conn.exec_driver_sql(f"PRAGMA cache_size = {before}")
+    cells = _day_cells(conn, scope, bounds, last)
+    novelty: dict[int, dict[str, ArmStats]] = {}
+    for k in range(len(days)):
+        for arm in arms:
+            # Users first exposed k or more days before `day` have reached their k-th day.
+            n = sum(cell["n"] for (a, j), cell in cells.items() if a == arm and j >= k)
+            if n == 0:
+                continue
+            before = novelty_before.get(k, {}).get(arm)
+            sums = {
+                f: (float(getattr(before, f)) if before else 0.0) + cells.get((arm, k), {}).get(f, 0.0)
+                for f in NOVELTY_FIELDS[1:]
+            }
+            novelty.setdefault(k, {})[arm] = ArmStats(n=n, **sums)
+    health = _health(conn, scope, bounds, days, arms, first=last)[day]
+    return DayAggregate(snapshot, novelty, health)
 
 
 def _snapshot(conn: Connection, scope: PhaseScope, until: datetime, arms: list[str]) -> dict[str, ArmStats]:
