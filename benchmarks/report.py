@@ -6,17 +6,19 @@ Europe/Berlin) is bulk-loaded (executemany in large transactions on SQLite, COPY
 not timed). Then, each in a fresh subprocess that reports its wall time and peak RSS (VmHWM):
 - full: the first night, every day of the phase recomputed and stored (up to the day before);
 - nightly: the regular night, the last day on top of the stored ones (the `*_s` figures);
-- one snapshot in SQL: per-user totals then per-arm sums for the last day, nothing else;
-- baseline (1M only): the same single snapshot the naive way, every event row of the phase
-  loaded into Python and summed per user there.
+- 1M only: one snapshot in SQL (per-user totals then per-arm sums for the last day, nothing
+  else) and the baseline, the same snapshot the naive way (every event row of the phase loaded
+  into Python and summed per user there);
+- 1M only: the cost of the analysis indexes (migration exp0002) on the hot write path: rows/s
+  of the event log's group commit with and without them, interleaved, INSERT_ROUNDS each.
 
     nice -n 10 .venv/bin/python benchmarks/report.py                 # 1M and 10M, both databases
     .venv/bin/python benchmarks/report.py --sizes 1m --backends sqlite
 
 Writes benchmarks/results/report.json (keys sqlite_1m_s, sqlite_10m_s, postgres_1m_s,
-postgres_10m_s = nightly runs, *_full_s, peak_rss_mb over all report runs, baseline_*) and
-benchmarks/results/report.html (time vs size). Databases live under /tmp (SQLite files,
-PostgreSQL databases abrec_bench_report_*) and are deleted afterwards."""
+postgres_10m_s = nightly runs, *_full_s, peak_rss_mb over all report runs, baseline_*,
+*_insert_rows_per_s_*) and benchmarks/results/report.html (time vs size). Databases live under
+/tmp (SQLite files, PostgreSQL databases abrec_bench_report_*) and are deleted afterwards."""
 
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ def load_sqlite(path: Path, impressions: int) -> None:
     exp_id, phases = setup_experiment(url)
     arms = ("sasrec", "tron")
     conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=OFF")  # generation only: no WAL copy of every page
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute("PRAGMA cache_size=-1000000")
 
@@ -190,6 +193,7 @@ def load_sqlite(path: Path, impressions: int) -> None:
             conn.commit()
             bar.update(len(imps))
     conn.execute("ANALYZE")
+    conn.execute("PRAGMA journal_mode=WAL")  # as the application runs it
     conn.close()
 
 
@@ -206,6 +210,13 @@ def load_postgres(dbname: str, impressions: int) -> None:
         conn.execute("SET TIME ZONE 'UTC'")
         # Generation only: skip the per-row foreign-key triggers (the rows are consistent by construction).
         conn.execute("SET session_replication_role = replica")
+        # And the indexes that back no constraint are built once at the end, not row by row.
+        indexes = conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename IN ('impressions', 'clicks') "
+            "AND indexname NOT IN (SELECT conname FROM pg_constraint)"
+        ).fetchall()
+        for name, _ in indexes:
+            conn.execute(f'DROP INDEX "{name}"')
         for exposures, imps, clicks in chunks(impressions):
             with conn.cursor() as cur:
                 with cur.copy(
@@ -242,6 +253,10 @@ def load_postgres(dbname: str, impressions: int) -> None:
                         copy.write_row((i, exp_id, phases[ph - 1], u, arms[a], "a", 0, ph == 2, t))
             conn.commit()
             bar.update(len(imps))
+        conn.execute("SET maintenance_work_mem = '512MB'")
+        for _, definition in indexes:
+            conn.execute(definition)
+        conn.commit()
         conn.execute("ANALYZE")
         conn.commit()
 
@@ -346,6 +361,73 @@ def measure_naive(url: str) -> dict:
     return {"wall_s": wall, "users": sum(s.n for s in stats.values())}
 
 
+INSERT_ROUNDS = 2
+INSERT_REQUESTS = 20_000  # one impression each, a click with every 20th: the API's write pattern
+ANALYSIS_INDEXES = {  # migration exp0002: what the per-user lookups of the report read
+    "impressions": "ix_impressions_analysis",
+    "clicks": "ix_clicks_analysis",
+}
+INDEX_COLUMNS = "experiment_id, phase_id, user_id, created_at, in_analysis"
+
+
+def measure_insert(url: str, with_index: bool) -> dict:
+    """The hot write path with or without the analysis indexes: the event log's group commit
+    (up to 500 rows a transaction) of INSERT_REQUESTS requests for known users, after the loaded log.
+
+    All requests are queued at once, so batches are full: the most rows/s the writer can give.
+    """
+    from abrec.experiments.eventlog import EventLog
+    from abrec.experiments.schema import Exposure, Phase
+    from sqlalchemy import func, select
+
+    from abrec.db import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for table, index in ANALYSIS_INDEXES.items():
+            if with_index:
+                conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {index} ON {table} ({INDEX_COLUMNS})")
+            else:
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
+        phase_id = conn.execute(select(Phase.id).where(Phase.number == 2)).scalar_one()
+        query = select(func.count()).select_from(Exposure).where(Exposure.phase_id == phase_id)
+        users = conn.execute(query).scalar_one()  # named user0 .. user{users - 1}
+    rng = np.random.default_rng(1)
+    at = datetime.combine(LAST_DAY + timedelta(days=2), datetime.min.time(), UTC)  # after the report's days
+    requests = []
+    for i, user in enumerate(rng.integers(0, users, INSERT_REQUESTS)):
+        row_id = os.urandom(16).hex()
+        created = at + timedelta(milliseconds=i)
+        common = {"experiment_id": 1, "phase_id": phase_id, "user_id": f"user{user}", "arm_name": "tron"}
+        impression = common | {
+            "id": row_id,
+            "session_id": "s",
+            "model_version": "tron:1",
+            "items": ["a", "b"],
+            "fallback": False,
+            "latency_ms": 20.0,
+            "in_analysis": True,
+            "created_at": created,
+        }
+        click = common | {
+            "impression_id": row_id,
+            "item_id": "a",
+            "position": 0,
+            "in_analysis": True,
+            "created_at": created,
+        }
+        requests.append({"impressions": [impression], "clicks": [click] if i % 20 == 0 else []})
+    log = EventLog(engine).start()
+    t = time.perf_counter()
+    futures = [log.submit(**r) for r in requests]
+    for f in futures:
+        f.result(timeout=600)
+    wall = time.perf_counter() - t
+    log.close()
+    rows = sum(len(r["impressions"]) + len(r["clicks"]) for r in requests)
+    return {"wall_s": wall, "rows": rows, "rows_per_s": rows / wall, "batches": log.batches}
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM; ru_maxrss would carry the parent's over from fork)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -354,10 +436,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(kind: str, url: str) -> dict:
+def run_child(kind: str, *args) -> dict:
+    call = f"b.measure_{kind}({', '.join(map(repr, args))})"
     code = (
         "import json, sys; sys.path.insert(0, 'benchmarks'); import report as b; "
-        f"r = b.measure_{kind}({url!r}); r['peak_rss_mb'] = b.peak_rss_mb(); print(json.dumps(r))"
+        f"r = {call}; r['peak_rss_mb'] = b.peak_rss_mb(); print(json.dumps(r))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -368,7 +451,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1m,10m")
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--workdir", default="/tmp/abrec-bench-report")
-    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline (1M)")
+    parser.add_argument("--no-insert", action="store_true", help="skip the insert-cost runs (1M)")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -389,6 +473,8 @@ def main() -> None:
     for backend in args.backends.split(","):
         for size in args.sizes.split(","):
             n = SIZES[size]
+            for key in [k for k in runs if k == f"{backend}_{size}" or k.startswith(f"{backend}_{size}_")]:
+                del runs[key]  # this run replaces them all
             if backend == "sqlite":
                 path = work / f"report_{size}.db"
                 for p in work.glob(f"report_{size}.db*"):
@@ -412,15 +498,26 @@ def main() -> None:
                 print(f"{backend} {size}: nightly report {run}", flush=True)
                 results[f"{backend}_{size}_s"] = round(run["wall_s"], 2)
                 runs[f"{backend}_{size}"] = run
-                snapshot = run_child("sql_snapshot", url)
-                print(f"{backend} {size}: one snapshot in SQL {snapshot}", flush=True)
-                runs[f"{backend}_{size}_sql_snapshot"] = snapshot
                 if size == "1m" and not args.no_baseline:
+                    snapshot = run_child("sql_snapshot", url)
+                    print(f"{backend} {size}: one snapshot in SQL {snapshot}", flush=True)
+                    runs[f"{backend}_{size}_sql_snapshot"] = snapshot
                     naive = run_child("naive", url)
                     print(f"{backend} {size}: naive {naive}", flush=True)
                     runs[f"{backend}_{size}_naive"] = naive
                     results[f"baseline_naive_{backend}_{size}_s"] = round(naive["wall_s"], 2)
                     results[f"baseline_naive_{backend}_{size}_peak_rss_mb"] = round(naive["peak_rss_mb"], 1)
+                if size == "1m" and not args.no_insert:
+                    # Last, as it adds rows (after the report's days). Interleaved, as the machine drifts.
+                    rates: dict[str, list[float]] = {"without_index": [], "with_index": []}
+                    for _ in range(INSERT_ROUNDS):
+                        for label, with_index in (("without_index", False), ("with_index", True)):
+                            rate = run_child("insert", url, with_index)["rows_per_s"]
+                            rates[label].append(round(rate))
+                    print(f"{backend} {size}: event log insert rows/s {rates}", flush=True)
+                    runs[f"{backend}_{size}_insert_rows_per_s"] = rates
+                    for label, values in rates.items():
+                        results[f"{backend}_insert_rows_per_s_{label}"] = round(float(np.median(values)))
             finally:
                 if backend == "sqlite":
                     for p in work.glob(f"report_{size}.db*"):
