@@ -420,7 +420,7 @@ def run_config(
             "--max-batch",
             "64",
             "--max-delay-ms",
-            "2",
+            "0",
             "--threads",
             str(args.model_threads),
         ],

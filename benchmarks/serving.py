@@ -2,7 +2,7 @@
 
 Both `tron` and `sasrec` (Diginetica-sized catalogue of 43,097 items, d=200) are registered and
 resident in one `abrec model-server` process; callers alternate between the two models. For each
-mode (batched: --max-batch 64 --max-delay-ms 2; one at a time: --max-batch 1) it measures
+mode (batched: --max-batch 64 --max-delay-ms 0; one at a time: --max-batch 1) it measures
 throughput and p50/p99 latency with 1, 8, 32 and 128 closed-loop callers, and one open-loop point
 (Poisson arrivals at a fixed rate, latency counted from each request's scheduled arrival, so
 queueing shows). Both servers run side by side and the two modes take turns at every point over
@@ -361,7 +361,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
     parser.add_argument("--open-rate", type=float, default=200.0,
                         help="open-loop Poisson arrivals per second (both modes get the same)")
-    parser.add_argument("--max-delay-ms", type=float, default=2.0)
+    parser.add_argument("--max-delay-ms", type=float, default=0.0)
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--precision", choices=("fp32", "bf16"),
                         help="scoring precision of both servers (default: the model server's)")

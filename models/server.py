@@ -353,7 +353,7 @@ class ModelServer:
         discover: bool = True,
         device: str | None = None,
         max_batch: int = 64,
-        max_delay_s: float = 0.002,
+        max_delay_s: float = 0.0,
         poll_s: float = 1.0,
         precision: str | None = None,
     ) -> None:

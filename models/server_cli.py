@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aliases", default="", help="comma-separated refs: tron@champion,sasrec:2")
     p.add_argument("--no-discover", action="store_true", help="serve only --aliases, not experiments' arms")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch of one forward pass")
-    p.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    p.add_argument("--max-delay-ms", type=float, default=0.0,
+                   help="longest wait for a batch to fill (0: take what is queued when the device frees)")
     p.add_argument("--poll-s", type=float, default=1.0, help="seconds between alias checks")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--precision", choices=("fp32", "bf16"),
