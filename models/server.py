@@ -25,7 +25,6 @@ GET /healthz, /readyz, /status and /metrics (Prometheus).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import socket
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 from abrec.models.checkpoint import load_checkpoint
 from abrec.models.data import ItemMap
@@ -270,7 +270,8 @@ class LoadedVersion:
     def prepare(self, items: list[str], k: int, exclude_seen: bool, future: Future,
                 deadline: float = float("inf")) -> _Request | None:
         """Map the shop's ids to internal ones; answer at once (None) when none is known."""
-        session = [i for i in (self.internal.get(item) for item in items) if i is not None]
+        internal = self.internal
+        session = [i for item in items if (i := internal.get(item)) is not None]
         unknown = len(items) - len(session)
         if not session:
             # No known click: the version's most popular training items are its best guess.
@@ -296,13 +297,14 @@ class LoadedVersion:
                 values, ids = self._rescore(hidden, scores, k)
             else:
                 values, ids = top_k(scores, k)
-            ids = ids.cpu().numpy()
             values = values.cpu().numpy()
-        for i, r in enumerate(batch):
-            keep = np.isfinite(values[i, : r.k])  # excluded items sort last with -inf
-            row_ids = ids[i, : r.k][keep]
-            r.future.set_result(Result(self.external[row_ids].tolist(), values[i, : r.k][keep].tolist(),
-                                       self.label, r.unknown))
+            finite = np.isfinite(values).sum(1).tolist()
+            names = self.external[ids.cpu().numpy()].tolist()
+            values = values.tolist()
+        # Whole-batch conversions above, list slices here: per-request numpy calls cost more.
+        for r, n, row_names, row_values in zip(batch, finite, names, values, strict=True):
+            n = min(n, r.k)  # excluded items sort last, with -inf
+            r.future.set_result(Result(row_names[:n], row_values[:n], self.label, r.unknown))
 
     def _rescore(self, hidden: torch.Tensor, rough: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
         """Top-k by fp32 scores, among a shortlist of the best by bf16 scores."""
@@ -658,16 +660,25 @@ class ModelServer:
         self._m_batch = Histogram("abrec_model_batch_size", "Requests per forward pass", ["version"],
                                   registry=self.metrics, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.metrics.register(_StateCollector(self))
+        # version -> its labelled (ok count, latency, unknown items): `labels()` is a locked lookup
+        # that costs more than the update itself, on every answer.
+        self._m_by_version: dict[str, tuple[Any, Any, Any]] = {}
 
     def observe(self, result: Result | None, seconds: float, version: str | None, outcome: str = "error"
                 ) -> None:
         if result is None:
             self._m_requests.labels(version or "none", outcome).inc()
             return
-        self._m_requests.labels(result.version, "ok").inc()
-        self._m_latency.labels(result.version).observe(seconds)
+        children = self._m_by_version.get(result.version)
+        if children is None:
+            v = result.version
+            children = self._m_requests.labels(v, "ok"), self._m_latency.labels(v), self._m_unknown.labels(v)
+            self._m_by_version[v] = children
+        ok, latency, unknown = children
+        ok.inc()
+        latency.observe(seconds)
         if result.unknown:
-            self._m_unknown.labels(result.version).inc(result.unknown)
+            unknown.inc(result.unknown)
 
 
 class _StateCollector:
@@ -707,8 +718,8 @@ def parse_recommend(body: bytes) -> tuple[str, list[str], int, bool, float | Non
     wait: a request still queued after that is dropped uncomputed (answered 504).
     """
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
@@ -719,12 +730,14 @@ def parse_recommend(body: bytes) -> tuple[str, list[str], int, bool, float | Non
         "exclude_seen", False)
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' must be a non-empty string such as 'tron@champion'")
-    if not isinstance(items, list) or not all(
-        isinstance(i, str | int) and not isinstance(i, bool) for i in items
-    ):
+    if not isinstance(items, list):
         raise BadRequest("'items' must be a list of item ids (strings or integers)")
     if len(items) > MAX_ITEMS:
         raise BadRequest(f"'items' holds {len(items)} ids; at most {MAX_ITEMS}")
+    # Exact types (JSON gives no subclasses; a bool is not an id): one pass that also converts.
+    ids = [i if type(i) is str else str(i) for i in items if type(i) is str or type(i) is int]
+    if len(ids) != len(items):
+        raise BadRequest("'items' must be a list of item ids (strings or integers)")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
         raise BadRequest(f"'k' must be an integer in 1..{MAX_K}")
     if not isinstance(exclude, bool):
@@ -733,7 +746,7 @@ def parse_recommend(body: bytes) -> tuple[str, list[str], int, bool, float | Non
     if timeout_ms is not None and (not isinstance(timeout_ms, int | float) or isinstance(timeout_ms, bool)
                                    or not 0 < timeout_ms <= MAX_TIMEOUT_MS):
         raise BadRequest(f"'timeout_ms' must be a number in (0, {MAX_TIMEOUT_MS}]")
-    return model, [str(i) for i in items], k, exclude, None if timeout_ms is None else timeout_ms / 1000
+    return model, ids, k, exclude, None if timeout_ms is None else timeout_ms / 1000
 
 
 class _LoopBridge:
@@ -838,7 +851,7 @@ class HttpApp:
 
 
 async def _reply(send, status: int, payload: dict[str, Any]) -> None:
-    await _send(send, status, json.dumps(payload, separators=(",", ":")).encode(), b"application/json")
+    await _send(send, status, orjson.dumps(payload), b"application/json")
 
 
 async def _send(send, status: int, body: bytes, content_type: bytes) -> None:
@@ -870,6 +883,8 @@ class HttpServer:
             # API processes keep pooled connections open between bursts.
             timeout_keep_alive=60,
             backlog=2048,
+            proxy_headers=False,  # no proxy in front; the middleware would run on every request
+            server_header=False,
         )
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
