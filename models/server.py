@@ -18,8 +18,8 @@ an arm that currently serves traffic — all arms of running experiments, the co
 and stopped ones, the shipped arm of shipped ones. models/ may not import experiments/, so that is
 one plain SQL query against the `arms` and `experiments` tables (skipped if they don't exist).
 
-HTTP (uvicorn + httptools, a raw ASGI app; keep-alive): POST /v1/recommend (see client.py),
-GET /healthz, /readyz, /status and /metrics (Prometheus).
+HTTP (asyncio + httptools, uvicorn's parser, without the ASGI layer; keep-alive): POST
+/v1/recommend (see client.py), GET /healthz, /readyz, /status and /metrics (Prometheus).
 """
 
 from __future__ import annotations
@@ -30,11 +30,14 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
+import httptools
 import numpy as np
 import orjson
 import torch
@@ -750,28 +753,25 @@ def parse_recommend(body: bytes) -> tuple[str, list[str], int, bool, float | Non
 
 
 class _LoopBridge:
-    """Hands answers from batcher threads to the event loop with one wake-up per burst.
+    """Hands finished futures from batcher threads to the event loop with one wake-up per burst.
 
-    asyncio.wrap_future wakes the loop once per answer (a write to its self-pipe, from the batcher
-    thread); a batch of 16 finishes 16 futures at once, so they are queued here and delivered
-    together.
+    A wake-up per answer (a write to the loop's self-pipe from the batcher thread, as
+    asyncio.wrap_future does) costs more than the answer; a batch of 16 finishes 16 futures at
+    once, so they are queued here and their callbacks run together in the loop.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._lock = threading.Lock()
-        self._finished: list[tuple[Future, asyncio.Future]] = []
+        self._finished: list[tuple[Future, Callable[[Future], None]]] = []
 
-    def wrap(self, future: Future) -> asyncio.Future:
-        waiter = self.loop.create_future()
-        # A caller that goes away cancels the request, as with wrap_future: the batcher skips it.
-        waiter.add_done_callback(lambda w: future.cancel() if w.cancelled() else None)
-        future.add_done_callback(lambda f: self._finish(f, waiter))
-        return waiter
+    def watch(self, future: Future, callback: Callable[[Future], None]) -> None:
+        """Run `callback(future)` in the loop once the future is done (or cancelled)."""
+        future.add_done_callback(lambda f: self._finish(f, callback))
 
-    def _finish(self, future: Future, waiter: asyncio.Future) -> None:
+    def _finish(self, future: Future, callback: Callable[[Future], None]) -> None:
         with self._lock:
-            self._finished.append((future, waiter))
+            self._finished.append((future, callback))
             if len(self._finished) > 1:  # a delivery is already scheduled and will take this one
                 return
         self.loop.call_soon_threadsafe(self._deliver)
@@ -779,114 +779,209 @@ class _LoopBridge:
     def _deliver(self) -> None:
         with self._lock:
             finished, self._finished = self._finished, []
-        for future, waiter in finished:
-            if waiter.done():
-                continue
-            if future.cancelled():
-                waiter.cancel()
-            elif (exc := future.exception()) is not None:
-                waiter.set_exception(exc)
-            else:
-                waiter.set_result(future.result())
+        for future, callback in finished:
+            callback(future)
+
+
+_JSON_TYPE = b"application/json"
+_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+def _response(status: int, body: bytes, content_type: bytes = _JSON_TYPE, close: bool = False) -> bytes:
+    """A whole HTTP/1.1 response: head and body go out in one write (one send, one TCP segment)."""
+    close_header = b"connection: close\r\n" if close else b""
+    return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n%s" % (
+        status, _PHRASES.get(status, b""), content_type, len(body), close_header, body)
+
+
+def _json(status: int, payload: dict[str, Any]) -> tuple[int, bytes, bytes]:
+    return status, orjson.dumps(payload), _JSON_TYPE
 
 
 class HttpApp:
-    """A raw ASGI application over a ModelServer (no framework: this is the hot path)."""
+    """The endpoints over a ModelServer, as plain functions of (method, path, body): no framework,
+    this is the hot path. /v1/recommend answers later, through the loop bridge."""
 
-    def __init__(self, server: ModelServer) -> None:
+    def __init__(self, server: ModelServer, loop: asyncio.AbstractEventLoop) -> None:
         self.server = server
-        self._bridge: _LoopBridge | None = None  # made on the first request, in uvicorn's loop
+        self.bridge = _LoopBridge(loop)
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":  # lifespan is off; there is nothing else to serve
-            return
-        method, path = scope["method"], scope["path"]
-        if path == "/v1/recommend":
-            if method != "POST":
-                return await _reply(send, 405, {"error": "use POST"})
-            return await self._recommend(receive, send)
-        if method != "GET":
-            return await _reply(send, 405, {"error": "use GET"})
+    def get(self, path: str) -> tuple[int, bytes, bytes]:
         if path == "/healthz":
-            return await _reply(send, 200, {"status": "ok"})
+            return _json(200, {"status": "ok"})
         if path == "/readyz":
             state = self.server.readiness()
-            return await _reply(send, 200 if state["ready"] else 503, state)
+            return _json(200 if state["ready"] else 503, state)
         if path == "/status":
-            return await _reply(send, 200, self.server.status())
+            return _json(200, self.server.status())
         if path == "/metrics":
-            body = generate_latest(self.server.metrics)
-            return await _send(send, 200, body, b"text/plain; version=0.0.4")
-        return await _reply(send, 404, {"error": f"no endpoint {path}"})
+            return 200, generate_latest(self.server.metrics), b"text/plain; version=0.0.4"
+        return _json(404, {"error": f"no endpoint {path}"})
 
-    async def _recommend(self, receive, send) -> None:
-        t0 = time.perf_counter()
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if len(body) > MAX_BODY:
-                return await _reply(send, 413, {"error": f"body larger than {MAX_BODY} bytes"})
-            if not message.get("more_body"):
-                break
-        result = None
+    def recommend(self, body: bytes) -> tuple[int, bytes, bytes] | Future:
+        """An answer now, or the request's future (then `answer` makes the response)."""
         try:
             model, items, k, exclude, timeout_s = parse_recommend(body)
-            if self._bridge is None:
-                self._bridge = _LoopBridge(asyncio.get_running_loop())
             future = self.server.submit(model, items, k, exclude_seen=exclude, timeout_s=timeout_s)
-            result = await self._bridge.wrap(future)
         except BadRequest as exc:
-            return await _reply(send, 400, {"error": str(exc)})
+            return _json(400, {"error": str(exc)})
         except NotServed as exc:
-            return await _reply(send, 404, {"error": str(exc)})
-        except DeadlineExceeded as exc:
+            return _json(404, {"error": str(exc)})
+        return future
+
+    def answer(self, future: Future, t0: float) -> tuple[int, bytes, bytes]:
+        """The response to a finished /v1/recommend future (received at perf_counter `t0`)."""
+        if future.cancelled():
+            return _json(500, {"error": "cancelled"})
+        exc = future.exception()
+        if exc is None:
+            result: Result = future.result()
+            self.server.observe(result, time.perf_counter() - t0, result.version)
+            return _json(200, {"items": result.items, "version": result.version, "unknown": result.unknown})
+        if isinstance(exc, DeadlineExceeded):
             self.server.observe(None, 0.0, None, outcome="expired")
-            return await _reply(send, 504, {"error": str(exc)})
-        except Exception as exc:  # the model raised: the client falls back
-            self.server.observe(None, 0.0, None)
-            return await _reply(send, 500, {"error": f"model failed: {type(exc).__name__}: {exc}"})
-        self.server.observe(result, time.perf_counter() - t0, result.version)
-        await _reply(send, 200, {"items": result.items, "version": result.version, "unknown": result.unknown})
+            return _json(504, {"error": str(exc)})
+        if isinstance(exc, NotServed):
+            return _json(404, {"error": str(exc)})
+        self.server.observe(None, 0.0, None)  # the model raised: the client falls back
+        return _json(500, {"error": f"model failed: {type(exc).__name__}: {exc}"})
 
 
-async def _reply(send, status: int, payload: dict[str, Any]) -> None:
-    await _send(send, status, orjson.dumps(payload), b"application/json")
+class _HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, parsed by httptools (uvicorn's parser).
 
+    Answers go out in request order (pipelining allowed), each as one write. A connection that
+    goes away cancels its queued requests, so the batcher skips them.
+    """
 
-async def _send(send, status: int, body: bytes, content_type: bytes) -> None:
-    # An explicit length keeps uvicorn from switching to chunked encoding.
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    def __init__(self, app: HttpApp, connections: set[_HttpConnection]) -> None:
+        self.app = app
+        self.connections = connections
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.body: list[bytes] = []
+        self.size = 0
+        # Answers in request order: bytes when ready, a Future while its request is in the batcher.
+        self.pending: deque[bytes | Future] = deque()
+        self.close_after: Future | bytes | None = None  # the answer after which to close
+        self.last_active = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        self.transport = None
+        for item in self.pending:
+            if isinstance(item, Future):
+                item.cancel()
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+
+    def _fail(self, status: int, why: str) -> None:
+        # The stream can't be followed past a parse error: answer what came before, then this, and close.
+        self.pending.append(_response(*_json(status, {"error": why})[:2], close=True))
+        self.close_after = self.pending[-1]
+        self._flush()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url, self.body, self.size = b"", [], 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"expect" and value.lower() == b"100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size <= MAX_BODY:  # past that, the body is read and dropped, and answered 413
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method()
+        path = self.url.partition(b"?")[0].decode("latin-1")
+        answer: tuple[int, bytes, bytes] | Future
+        if path == "/v1/recommend":
+            if method != b"POST":
+                answer = _json(405, {"error": "use POST"})
+            elif self.size > MAX_BODY:
+                answer = _json(413, {"error": f"body larger than {MAX_BODY} bytes"})
+            else:
+                t0 = time.perf_counter()
+                answer = self.app.recommend(b"".join(self.body))
+                if isinstance(answer, Future) and answer.done():  # answered without the model
+                    answer = self.app.answer(answer, t0)
+        elif method != b"GET":
+            answer = _json(405, {"error": "use GET"})
+        else:
+            answer = self.app.get(path)
+        close = not self.parser.should_keep_alive()
+        if isinstance(answer, Future):
+            self.pending.append(answer)
+            if close:
+                self.close_after = answer
+            self.app.bridge.watch(answer, lambda f: self._answered(f, t0))
+            return
+        self.pending.append(_response(*answer, close=close))
+        if close:
+            self.close_after = self.pending[-1]
+        self._flush()
+
+    def _answered(self, future: Future, t0: float) -> None:
+        if self.transport is None:  # the connection went away meanwhile
+            return
+        for i, item in enumerate(self.pending):
+            if item is future:
+                self.pending[i] = _response(*self.app.answer(future, t0), close=self.close_after is future)
+                if self.close_after is future:
+                    self.close_after = self.pending[i]
+                break
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.pending and not isinstance(self.pending[0], Future) and self.transport is not None:
+            data = self.pending.popleft()
+            self.transport.write(data)
+            if data is self.close_after:
+                self.transport.close()
+                self.transport = None
+        self.last_active = time.monotonic()
+
+    def idle(self) -> bool:
+        return not self.pending
 
 
 class HttpServer:
-    """uvicorn serving `HttpApp` on a thread (tests, the demo) or the main thread (`run`)."""
+    """The HTTP listener on its own asyncio loop: on a thread (`start`; tests, the demo) or on the
+    calling thread (`run`, the model-server command, until SIGINT/SIGTERM or `stop`)."""
+
+    KEEP_ALIVE_S = 60.0  # idle connections are closed after this; API processes reopen theirs at 30 s
 
     def __init__(self, server: ModelServer, host: str = "127.0.0.1", port: int = 8601) -> None:
-        import uvicorn
-
+        self.server = server
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on such sockets, and without it
-        # every answer (head and body are two writes) waits ~40 ms for a delayed ACK.
+        # an answer could wait ~40 ms for a delayed ACK.
         self.sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(
-            HttpApp(server),
-            http="httptools",
-            lifespan="off",
-            access_log=False,
-            log_level="warning",
-            # API processes keep pooled connections open between bursts.
-            timeout_keep_alive=60,
-            backlog=2048,
-            proxy_headers=False,  # no proxy in front; the middleware would run on every request
-            server_header=False,
-        )
-        self.uvicorn = uvicorn.Server(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
@@ -894,19 +989,47 @@ class HttpServer:
         return f"http://{self.host}:{self.port}"
 
     def run(self) -> None:
-        self.uvicorn.run(sockets=[self.sock])
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop, self._stop = loop, asyncio.Event()
+        app = HttpApp(self.server, loop)
+        connections: set[_HttpConnection] = set()
+        listener = await loop.create_server(lambda: _HttpConnection(app, connections), sock=self.sock,
+                                            backlog=2048)
+        self._started.set()
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=self.KEEP_ALIVE_S / 4)
+                    break
+                except TimeoutError:  # sweep idle keep-alive connections
+                    stale = time.monotonic() - self.KEEP_ALIVE_S
+                    for conn in [c for c in connections if c.idle() and c.last_active < stale]:
+                        if conn.transport is not None:
+                            conn.transport.close()
+        finally:
+            listener.close()
+            for conn in list(connections):
+                if conn.transport is not None:
+                    conn.transport.close()
+            await listener.wait_closed()
 
     def start(self) -> HttpServer:
         self._thread = threading.Thread(target=self.run, name="model-http", daemon=True)
         self._thread.start()
-        while not self.uvicorn.started:
+        while not self._started.wait(0.01):
             if not self._thread.is_alive():
                 raise RuntimeError("the model server's HTTP listener failed to start")
-            time.sleep(0.01)
         return self
 
     def stop(self) -> None:
-        self.uvicorn.should_exit = True
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.sock.close()
