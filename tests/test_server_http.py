@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import orjson
 import pytest
 import requests
 from abrec.experiments import service
@@ -178,6 +179,57 @@ def test_requests_queued_past_their_timeout_are_dropped_uncomputed(live, monkeyp
     # The HTTP client sends its deadline, so the same happens to an API process that gave up.
     monkeypatch.undo()
     assert HttpModelClient(http.url).recommend("tron@champion", ["i1"], 3, deadline_s=5).version == "tron:1"
+
+
+def _read_answers(sock: socket.socket, count: int) -> list[tuple[int, bytes, bytes]]:
+    """`count` HTTP answers from a raw socket -> (status, head, body) each."""
+    data, answers = b"", []
+    sock.settimeout(10)
+    while len(answers) < count:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(answers)} answers"
+            data += chunk
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(data) < length:
+            data += sock.recv(65536)
+        answers.append((int(head[9:12]), head, data[:length]))
+        data = data[length:]
+    return answers
+
+
+def _post(body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST /v1/recommend HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n" % (len(body), extra)
+            + body)
+
+
+def test_pipelined_requests_are_answered_in_order_and_connection_close_is_honoured(live) -> None:
+    server, http = live
+    with socket.create_connection((http.host, http.port)) as sock:
+        # Three requests in one write: a model answer, an immediate 404, a model answer.
+        sock.sendall(_post(b'{"model": "tron@champion", "items": ["i1"], "k": 2}')
+                     + b"GET /nothing HTTP/1.1\r\nHost: t\r\n\r\n"
+                     + _post(b'{"model": "tron@champion", "items": ["i2"], "k": 3}'))
+        first, missing, third = _read_answers(sock, 3)
+        assert (first[0], missing[0], third[0]) == (200, 404, 200)
+        expected = [server.recommend("tron@champion", [i], k).items for i, k in (("i1", 2), ("i2", 3))]
+        assert [orjson.loads(a[2])["items"] for a in (first, third)] == expected
+        # The connection stays open, until a request asks to close it.
+        sock.sendall(_post(b'{"model": "tron@champion", "items": ["i1"], "k": 1}', b"Connection: close\r\n"))
+        (status, head, _), = _read_answers(sock, 1)
+        assert status == 200 and b"connection: close" in head.lower()
+        assert sock.recv(1) == b""
+
+
+def test_malformed_http_gets_400_and_a_closed_connection(live) -> None:
+    _, http = live
+    with socket.create_connection((http.host, http.port)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\nNOT HTTP AT ALL\r\n\r\n")
+        ok, bad = _read_answers(sock, 2)
+        assert (ok[0], bad[0]) == (200, 400) and b"malformed" in bad[2]
+        assert sock.recv(1) == b""
 
 
 def test_stopped_server_is_unavailable(live) -> None:
