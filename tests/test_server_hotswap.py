@@ -109,10 +109,10 @@ def test_hot_swap_under_concurrent_load(reg) -> None:
 def test_queued_requests_finish_on_the_old_version(reg) -> None:
     sessions, store, queries, expected = reg
     server = ModelServer(sessions, store, aliases=["tron@champion"], discover=False, max_batch=4,
-                         max_delay_s=0.0, poll_s=60).start()
+                         max_delay_s=0.0, poll_s=60, concurrent_batches=1).start()
     try:
         assert server.wait_ready(30)
-        with server._device_lock:  # hold the device: submissions wait in tron:1's queue
+        with server._device_slots:  # hold the device: submissions wait in tron:1's queue
             queued = [server.submit("tron@champion", queries[q % 16], K) for q in range(12)]
             _move(sessions, "tron:2")
             server.refresh()
