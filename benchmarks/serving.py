@@ -10,7 +10,9 @@ several rounds, so the background load of a shared machine falls on both alike; 
 the round of median throughput (all rounds are kept in the JSON). The load
 generator is one asyncio process speaking raw keep-alive HTTP/1.1 with pre-encoded requests, so it
 takes little of the CPU it measures. Both servers get the same settings but batching: the model
-server's default precision and thread count, or `--precision` / `--threads` for both.
+server's default precision, thread count and concurrent batches (on a 2-core CPU with one torch
+thread, two: tron's and sasrec's computations may overlap in both modes), or `--precision` /
+`--threads` for both.
 
 Checkpoints: `--tron` / `--sasrec`, by default the offline benchmark's (runs/offline/KIND/) when
 present, else untrained models of the same size (serving cost does not depend on the weights).
@@ -402,7 +404,8 @@ def main() -> int:
                 results["modes"][mode]["memory_bytes"] = {
                     label: info["memory_bytes"] for label, info in status["loaded"].items()}
                 results["modes"][mode] |= {"precision": status["precision"],
-                                           "torch_threads": status["torch_threads"]}
+                                           "torch_threads": status["torch_threads"],
+                                           "concurrent_batches": status["concurrent_batches"]}
         finally:
             for proc in procs.values():
                 stop_server(proc)
