@@ -232,6 +232,33 @@ def test_malformed_http_gets_400_and_a_closed_connection(live) -> None:
         assert sock.recv(1) == b""
 
 
+def test_a_dropped_connection_cancels_its_queued_request(live, monkeypatch) -> None:
+    server, http = live
+    real = server_module.hidden_last
+    computed: list[list[list[int]]] = []
+
+    def recording(model, sessions):
+        computed.append(sessions)
+        return real(model, sessions)
+
+    monkeypatch.setattr(server_module, "hidden_last", recording)
+    slots = [server._device_slots for _ in range(server.concurrent_batches)]
+    for slot in slots:  # hold the device: the request waits in the queue
+        slot.acquire()
+    try:
+        with socket.create_connection((http.host, http.port)) as sock:
+            sock.sendall(_post(b'{"model": "tron@champion", "items": ["i1", "i2", "i3"], "k": 2}'))
+            time.sleep(0.3)  # parsed and queued
+        time.sleep(0.3)  # the server saw the connection close
+    finally:
+        for slot in slots:
+            slot.release()
+    client = HttpModelClient(http.url)
+    assert client.recommend("tron@champion", ["i1"], 2, deadline_s=5).version == "tron:1"
+    # Only the later one-click request reached the model; the abandoned three-click one never did.
+    assert [[len(session) for session in batch] for batch in computed] == [[1]]
+
+
 def test_stopped_server_is_unavailable(live) -> None:
     server, http = live
     client = HttpModelClient(http.url)
