@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="scoring precision; bf16 shortlists, fp32 re-scores the shortlist (default: bf16 "
                    "where the device multiplies bf16 natively, else fp32)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: one per core but one)")
+    p.add_argument("--concurrent-batches", type=int,
+                   help="batches (of different models) computing at once (default: 1 on a GPU; on a CPU "
+                   "as many as the cores hold at --threads each)")
     p.set_defaults(func=run)
 
 
@@ -51,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     aliases = [a.strip() for a in args.aliases.split(",") if a.strip()]
     if args.no_discover and not aliases:
         raise UsageError("--no-discover needs --aliases: there would be nothing to serve")
-    if args.max_batch < 1 or (args.threads is not None and args.threads < 1):
-        raise UsageError("--max-batch and --threads must be at least 1")
+    if args.max_batch < 1 or any(n is not None and n < 1 for n in (args.threads, args.concurrent_batches)):
+        raise UsageError("--max-batch, --threads and --concurrent-batches must be at least 1")
     if args.max_delay_ms < 0 or args.poll_s <= 0:
         raise UsageError("--max-delay-ms must be >= 0 and --poll-s > 0")
     device = args.device or default_device()
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
             max_delay_s=args.max_delay_ms / 1000,
             poll_s=args.poll_s,
             precision=args.precision,
+            concurrent_batches=args.concurrent_batches,
         )
     except RegistryError as exc:
         raise UsageError(str(exc)) from None
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         http = HttpServer(server, args.host, args.port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
-    # uvicorn shuts down gracefully on SIGTERM and then re-raises it: make that a clean exit.
+    # SIGTERM (a service manager stopping us) is a clean exit, as Ctrl-C is.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server.start()
     logging.getLogger("abrec.model_server").info("listening on %s (device %s)", http.url, server.device)

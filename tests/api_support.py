@@ -71,7 +71,7 @@ def seed(url: str, store_dir: Path, make_checkpoint, *, key: str = "exp", start:
 
 
 class ModelServerThread:
-    """The real model server (dynamic batcher + uvicorn HTTP) on a loopback port, in this process."""
+    """The real model server (dynamic batcher + its HTTP listener) on a loopback port, in this process."""
 
     def __init__(self, url: str, store_dir: Path) -> None:
         from abrec.models.server import HttpServer, ModelServer
