@@ -2,17 +2,22 @@
 
 Both `tron` and `sasrec` (Diginetica-sized catalogue of 43,097 items, d=200) are registered and
 resident in one `abrec model-server` process; callers alternate between the two models. For each
-mode (batched: --max-batch 64 --max-delay-ms 0; one at a time: --max-batch 1) it measures
+mode it measures
 throughput and p50/p99 latency with 1, 8, 32 and 128 closed-loop callers, and one open-loop point
 (Poisson arrivals at a fixed rate, latency counted from each request's scheduled arrival, so
 queueing shows). Both servers run side by side and the two modes take turns at every point over
 several rounds, so the background load of a shared machine falls on both alike; each figure is
-the round of median throughput (all rounds are kept in the JSON). The load
+the round of median throughput (all rounds are kept in the JSON). Modes:
+- batched: the server's defaults (--max-batch 64 --max-delay-ms 0; on this 2-core CPU with one
+  torch thread, two batches of different models may compute at once);
+- one_at_a_time: --max-batch 1 --concurrent-batches 1, literally one request at a time: the
+  baseline of `speedup_at_32`;
+- unbatched_parallel: --max-batch 1 with the default concurrent batches (two single requests of
+  different models at once), so the gain of batching alone is on record too.
+The load
 generator is one asyncio process speaking raw keep-alive HTTP/1.1 with pre-encoded requests, so it
 takes little of the CPU it measures. Both servers get the same settings but batching: the model
-server's default precision, thread count and concurrent batches (on a 2-core CPU with one torch
-thread, two: tron's and sasrec's computations may overlap in both modes), or `--precision` /
-`--threads` for both.
+server's default precision and thread count, or `--precision` / `--threads` for all.
 
 Checkpoints: `--tron` / `--sasrec`, by default the offline benchmark's (runs/offline/KIND/) when
 present, else untrained models of the same size (serving cost does not depend on the weights).
@@ -337,7 +342,8 @@ def plot(results: dict, path: Path) -> None:
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Throughput (requests/s)", "p99 latency (ms)"))
-    for mode, colour in (("batched", "#1f77b4"), ("one_at_a_time", "#d62728")):
+    for mode, colour in (("batched", "#1f77b4"), ("one_at_a_time", "#d62728"),
+                         ("unbatched_parallel", "#ff7f0e")):
         points = results["modes"][mode]["closed_loop"]
         x = [int(c) for c in points]
         fig.add_trace(go.Scatter(x=x, y=[p["throughput_rps"] for p in points.values()], name=mode,
@@ -375,8 +381,11 @@ def main() -> int:
     load_before = os.getloadavg()
     sessions, session_source = request_sessions(4000)
     requests = [encode(MODELS[i % 2], s) for i, s in enumerate(sessions)]
-    modes = {"batched": (args.max_batch, args.max_delay_ms), "one_at_a_time": (1, 0.0)}
-    results: dict = {"modes": {m: {"max_batch": b, "max_delay_ms": d} for m, (b, d) in modes.items()}}
+    # mode -> (max batch, max delay ms, extra model-server flags)
+    modes = {"batched": (args.max_batch, args.max_delay_ms, []),
+             "one_at_a_time": (1, 0.0, ["--concurrent-batches", "1"]),
+             "unbatched_parallel": (1, 0.0, [])}
+    results: dict = {"modes": {m: {"max_batch": b, "max_delay_ms": d} for m, (b, d, _) in modes.items()}}
     with tempfile.TemporaryDirectory(prefix="abrec-serving-") as tmp:
         db_url, store, sources = build_registry(Path(tmp), {"tron": args.tron, "sasrec": args.sasrec})
         ports = {mode: free_port() for mode in modes}
@@ -385,8 +394,8 @@ def main() -> int:
             # Both modes get the same settings but batching.
             extra = [*(["--precision", args.precision] if args.precision else []),
                      *(["--threads", str(args.threads)] if args.threads else [])]
-            for mode, (max_batch, delay) in modes.items():
-                procs[mode] = start_server(db_url, store, ports[mode], max_batch, delay, extra)
+            for mode, (max_batch, delay, own) in modes.items():
+                procs[mode] = start_server(db_url, store, ports[mode], max_batch, delay, [*extra, *own])
             # Both servers stay up and the modes take turns at every point, in several rounds, so
             # that the background load of this shared machine falls on both alike.
             raw: dict = {(m, c): [] for m in modes for c in CALLERS}
@@ -420,18 +429,21 @@ def main() -> int:
         points = {str(c): combine(raw[mode, c]) for c in CALLERS}
         results["modes"][mode]["closed_loop"] = points
         for callers, p in points.items():
-            tqdm.write(f"  {mode:14s} {callers:>4} callers: {p['throughput_rps']:8.1f} req/s  "
+            tqdm.write(f"  {mode:18s} {callers:>4} callers: {p['throughput_rps']:8.1f} req/s  "
                        f"p50 {p['p50_ms']:7.2f} ms  p99 {p['p99_ms']:7.2f} ms  errors {p['errors']}  "
                        f"server CPU {p['server_cpu_ms_per_request']} ms/req  "
                        f"rounds {[r['throughput_rps'] for r in p['rounds']]}")
         o = results["modes"][mode]["open_loop"]
-        tqdm.write(f"  {mode:14s} open loop {o['offered_rps']}/s: p50 {o['p50_ms']} ms p99 {o['p99_ms']} ms "
+        tqdm.write(f"  {mode:18s} open loop {o['offered_rps']}/s: p50 {o['p50_ms']} ms p99 {o['p99_ms']} ms "
                    f"timeouts {o['timeouts']}")
     batched = results["modes"]["batched"]["closed_loop"]
     single = results["modes"]["one_at_a_time"]["closed_loop"]
+    parallel = results["modes"]["unbatched_parallel"]["closed_loop"]
     results |= {
         "speedup_at_32": round(batched["32"]["throughput_rps"] / single["32"]["throughput_rps"], 2),
         "p99_ms_at_32": batched["32"]["p99_ms"],
+        "speedup_at_32_vs_unbatched_parallel": round(
+            batched["32"]["throughput_rps"] / parallel["32"]["throughput_rps"], 2),
         "speedup_at_128": round(batched["128"]["throughput_rps"] / single["128"]["throughput_rps"], 2),
         "p99_ms_at_128": batched["128"]["p99_ms"],
         # CPU time per answer does not depend on how much of the CPU others leave to the server.
