@@ -162,7 +162,11 @@ class Impression(Base):
     """One slate shown. `items` holds the shop's item ids in slate order (position = index)."""
 
     __tablename__ = "impressions"
-    __table_args__ = (Index("ix_impressions_exp_phase_user", "experiment_id", "phase_id", "user_id"),)
+    # The per-user analysis reads (analysis/aggregate.py) are answered from this index alone; its
+    # prefix serves every lookup by (experiment, phase, user).
+    __table_args__ = (
+        Index("ix_impressions_analysis", "experiment_id", "phase_id", "user_id", "created_at", "in_analysis"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex, made by the API
     experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
@@ -185,7 +189,7 @@ class Click(Base):
     __tablename__ = "clicks"
     __table_args__ = (
         UniqueConstraint("impression_id", "item_id"),
-        Index("ix_clicks_exp_phase_user", "experiment_id", "phase_id", "user_id"),
+        Index("ix_clicks_analysis", "experiment_id", "phase_id", "user_id", "created_at", "in_analysis"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
