@@ -9,8 +9,10 @@ not timed). Then, each in a fresh subprocess that reports its wall time and peak
 - 1M only: one snapshot in SQL (per-user totals then per-arm sums for the last day, nothing
   else) and the baseline, the same snapshot the naive way (every event row of the phase loaded
   into Python and summed per user there);
-- 1M only: the cost of the analysis indexes (migration exp0002) on the hot write path: rows/s
-  of the event log's group commit with and without them, interleaved, INSERT_ROUNDS each.
+- 1M only: what the secondary indexes of impressions and clicks cost the hot write path: rows/s
+  of the event log's group commit with those of schema exp0001 (a user index), exp0002 (that
+  and the analysis index) and exp0003 (the analysis index alone, now), interleaved,
+  INSERT_ROUNDS each.
 
     nice -n 10 .venv/bin/python benchmarks/report.py                 # 1M and 10M, both databases
     .venv/bin/python benchmarks/report.py --sizes 1m --backends sqlite
@@ -363,16 +365,24 @@ def measure_naive(url: str) -> dict:
 
 INSERT_ROUNDS = 2
 INSERT_REQUESTS = 20_000  # one impression each, a click with every 20th: the API's write pattern
-ANALYSIS_INDEXES = {  # migration exp0002: what the per-user lookups of the report read
-    "impressions": "ix_impressions_analysis",
-    "clicks": "ix_clicks_analysis",
+# The indexes on impressions and clicks besides the primary and unique keys, per schema version:
+# exp0001 (a user index), exp0002 (that and the analysis index the report reads), exp0003 (the
+# analysis index alone, which serves the user lookups too: the schema now).
+INDEX_COLUMNS = {
+    "exp_phase_user": "experiment_id, phase_id, user_id",
+    "analysis": "experiment_id, phase_id, user_id, created_at, in_analysis",
 }
-INDEX_COLUMNS = "experiment_id, phase_id, user_id, created_at, in_analysis"
+INDEX_SETS = {
+    "exp0001_user_index": ("exp_phase_user",),
+    "exp0002_both": ("exp_phase_user", "analysis"),
+    "exp0003_analysis_index": ("analysis",),
+}
 
 
-def measure_insert(url: str, with_index: bool) -> dict:
-    """The hot write path with or without the analysis indexes: the event log's group commit
-    (up to 500 rows a transaction) of INSERT_REQUESTS requests for known users, after the loaded log.
+def measure_insert(url: str, indexes: str) -> dict:
+    """The hot write path with the secondary indexes of one schema version (a key of INDEX_SETS):
+    the event log's group commit (up to 500 rows a transaction) of INSERT_REQUESTS requests for
+    known users, after the loaded log.
 
     All requests are queued at once, so batches are full: the most rows/s the writer can give.
     """
@@ -384,11 +394,13 @@ def measure_insert(url: str, with_index: bool) -> dict:
 
     engine = make_engine(url)
     with engine.begin() as conn:
-        for table, index in ANALYSIS_INDEXES.items():
-            if with_index:
-                conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {index} ON {table} ({INDEX_COLUMNS})")
-            else:
-                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index}")
+        for table in ("impressions", "clicks"):
+            for kind, columns in INDEX_COLUMNS.items():
+                name = f"ix_{table}_{kind}"
+                if kind in INDEX_SETS[indexes]:
+                    conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})")
+                else:
+                    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
         phase_id = conn.execute(select(Phase.id).where(Phase.number == 2)).scalar_one()
         query = select(func.count()).select_from(Exposure).where(Exposure.phase_id == phase_id)
         users = conn.execute(query).scalar_one()  # named user0 .. user{users - 1}
@@ -509,10 +521,10 @@ def main() -> None:
                     results[f"baseline_naive_{backend}_{size}_peak_rss_mb"] = round(naive["peak_rss_mb"], 1)
                 if size == "1m" and not args.no_insert:
                     # Last, as it adds rows (after the report's days). Interleaved, as the machine drifts.
-                    rates: dict[str, list[float]] = {"without_index": [], "with_index": []}
+                    rates: dict[str, list[float]] = {label: [] for label in INDEX_SETS}
                     for _ in range(INSERT_ROUNDS):
-                        for label, with_index in (("without_index", False), ("with_index", True)):
-                            rate = run_child("insert", url, with_index)["rows_per_s"]
+                        for label in INDEX_SETS:
+                            rate = run_child("insert", url, label)["rows_per_s"]
                             rates[label].append(round(rate))
                     print(f"{backend} {size}: event log insert rows/s {rates}", flush=True)
                     runs[f"{backend}_{size}_insert_rows_per_s"] = rates
