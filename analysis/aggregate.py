@@ -46,6 +46,7 @@ from abrec.analysis.stats import ArmStats
 from abrec.analysis.store import NOVELTY_FIELDS, STAT_FIELDS, Health
 from abrec.experiments.schema import Arm, Click, Experiment, Exposure, Impression, Phase
 from sqlalchemy import (
+    BigInteger,
     Column,
     Connection,
     Float,
@@ -67,6 +68,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 PRE_DAY = -1  # the day index of a user's pre-period row in the per-(user, day) table
 LATENCY_RESOLUTION_MS = 0.1  # serving latencies are bucketed at this width for the percentiles
+LATENCY_BUCKETS = 2**32  # bucket numbers per (arm, day) in the health's grouping key: 119 hours
 PG_WORK_MEM = "256MB"  # per hash of the one pass over the log on PostgreSQL
 
 
@@ -661,23 +663,31 @@ def _health(
     All impressions served in the phase count (pinned users and paused serving included): this
     is about the serving path, not the analysis. Percentiles come from 0.1 ms buckets.
     """
-    day = _day_index(Impression.created_at, bounds).label("day")
+    day = _day_index(Impression.created_at, bounds)
     # round() first: CAST truncates on SQLite but rounds on PostgreSQL.
-    bucket = cast(func.round(Impression.latency_ms / LATENCY_RESOLUTION_MS), Integer).label("bucket")
+    bucket = cast(func.round(Impression.latency_ms / LATENCY_RESOLUTION_MS), Integer)
+    # Grouped by one integer (arm, day, bucket) rather than three columns: SQLite groups by
+    # sorting every impression, and sorts an integer key faster (measured -20 % at 1M).
+    # Impressions of arms no longer configured get a NULL key and are left out.
+    arm_index = case({arm: i for i, arm in enumerate(arms)}, value=Impression.arm_name, else_=None)
+    key = (cast(arm_index * len(days) + day, BigInteger) * LATENCY_BUCKETS + bucket).label("key")
     fallback = func.sum(case((Impression.fallback, 1), else_=0)).label("fallbacks")
     rows = conn.execute(
-        select(Impression.arm_name, day, bucket, func.count().label("n"), fallback)
+        select(key, func.count().label("n"), fallback)
         .where(
             Impression.experiment_id == scope.experiment_id,
             Impression.phase_id == scope.phase_id,
             Impression.created_at >= bounds[first],
             Impression.created_at < bounds[-1],
         )
-        .group_by(Impression.arm_name, day, bucket)
+        .group_by(key)
     )
     histograms: dict[tuple[str, int], list[tuple[int, int, int]]] = defaultdict(list)
     for r in rows:
-        histograms[(r.arm_name, r.day)].append((r.bucket, r.n, r.fallbacks))
+        if r.key is not None:
+            cell, bucket_no = divmod(r.key, LATENCY_BUCKETS)
+            arm_no, day_no = divmod(cell, len(days))
+            histograms[(arms[arm_no], day_no)].append((bucket_no, r.n, r.fallbacks))
     return {
         d: {arm: _health_of(histograms.get((arm, i), [])) for arm in arms}
         for i, d in enumerate(days)
