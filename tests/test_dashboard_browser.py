@@ -109,12 +109,15 @@ def visit(driver, url: str, min_charts: int) -> list[dict]:
 
 def test_main_pages_in_a_real_browser(driver, base_url):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(base_url + "/")
     assert "/login" in driver.current_url
     driver.find_element(By.NAME, "username").send_keys("editor")
     driver.find_element(By.NAME, "password").send_keys(PASSWORDS["editor"])
     driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    # click() does not wait for the navigation it starts (scrypt makes the login POST take a while).
+    WebDriverWait(driver, 30).until(lambda d: "/login" not in d.current_url)
     assert driver.current_url.rstrip("/") == base_url
 
     visit(driver, base_url + "/", min_charts=0)
