@@ -109,11 +109,11 @@ def request_sessions(count: int, seed: int = 0) -> tuple[list[list[str]], str]:
 
 
 def forward_costs(store: Path, db_url: str, sessions: list[list[str]], precision: str, threads: int,
-                  reps: int = 15) -> dict:
-    """CPU milliseconds of one batch through the server's own compute path (`LoadedVersion.run`:
+                  device: str = "cpu", reps: int = 15) -> dict:
+    """Milliseconds of one batch through the server's own compute path (`LoadedVersion.run`:
     forward pass, scoring, top-20, answers) per model and batch size, in process, with the
-    server's precision and thread count: median and fastest of `reps`. CPU time, unlike wall
-    time, barely changes when other jobs share the cores."""
+    server's precision and thread count: median and fastest of `reps`. On a CPU, CPU time (which,
+    unlike wall time, barely changes when other jobs share the cores); on a GPU, wall time."""
     from concurrent.futures import Future
 
     import torch
@@ -125,13 +125,14 @@ def forward_costs(store: Path, db_url: str, sessions: list[list[str]], precision
     from abrec.db import make_engine, session_factory
 
     torch.set_num_threads(threads)
+    clock = time.process_time if device == "cpu" else time.perf_counter
     engine = make_engine(db_url)
     costs: dict = {}
     with session_factory(engine)() as session:
         for ref in MODELS:
             row = registry.resolve(session, ref)
             ckpt = load_checkpoint(DirectoryStore(store).fetch(row.artifact_key))
-            lv = LoadedVersion(row, ckpt.model, ckpt.item_map, ckpt.popular, "cpu", precision)
+            lv = LoadedVersion(row, ckpt.model, ckpt.item_map, ckpt.popular, device, precision)
             costs[row.label] = {}
             for size in (1, 8, 16, 32, 64):
                 times = []
@@ -143,9 +144,9 @@ def forward_costs(store: Path, db_url: str, sessions: list[list[str]], precision
                         if request is not None:
                             future.set_running_or_notify_cancel()
                             batch.append(request)
-                    t0 = time.process_time()
-                    lv.run(batch)
-                    times.append(time.process_time() - t0)
+                    t0 = clock()
+                    lv.run(batch)  # answers are host lists, so a GPU run has synchronised
+                    times.append(clock() - t0)
                 costs[row.label][str(size)] = {"median": round(float(np.median(times[2:])) * 1000, 2),
                                                "min": round(min(times[2:]) * 1000, 2)}
     engine.dispose()
@@ -293,6 +294,14 @@ async def open_loop(port: int, rate: float, requests: list[bytes], duration: flo
     return result | {"offered_rps": rate, "timeouts": timeouts, "timeout_s": timeout}
 
 
+def gpu_name(device: str) -> str | None:
+    if device == "cpu":
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -376,6 +385,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int,
                         help="torch threads of both servers (default: the model server's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
+    parser.add_argument("--note", default="shared 2-core machine; other engineers' jobs were running",
+                        help="conditions of the run, recorded in the JSON")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -412,7 +423,7 @@ def main() -> int:
                 status = server_status(ports[mode])
                 results["modes"][mode]["memory_bytes"] = {
                     label: info["memory_bytes"] for label, info in status["loaded"].items()}
-                results["modes"][mode] |= {"precision": status["precision"],
+                results["modes"][mode] |= {"precision": status["precision"], "device": status["device"],
                                            "torch_threads": status["torch_threads"],
                                            "concurrent_batches": status["concurrent_batches"]}
         finally:
@@ -420,10 +431,12 @@ def main() -> int:
                 stop_server(proc)
         # After the servers are gone, so that it does not compete with them.
         batched = results["modes"]["batched"]
-        results["forward_cpu_ms_by_batch_size"] = forward_costs(store, db_url, sessions, batched["precision"],
-                                                                batched["torch_threads"])
-    for label, by_size in results["forward_cpu_ms_by_batch_size"].items():
-        tqdm.write(f"  forward + top-20 CPU, {label}: " + ", ".join(
+        device = batched["device"]
+        key = "forward_cpu_ms_by_batch_size" if device == "cpu" else "forward_wall_ms_by_batch_size"
+        results[key] = forward_costs(store, db_url, sessions, batched["precision"], batched["torch_threads"],
+                                     device)
+    for label, by_size in results[key].items():
+        tqdm.write(f"  forward + top-20 {device}, {label}: " + ", ".join(
             f"B={b} {t['median']} ms (min {t['min']})" for b, t in by_size.items()))
     for mode in modes:
         points = {str(c): combine(raw[mode, c]) for c in CALLERS}
@@ -457,12 +470,13 @@ def main() -> int:
         "request_sessions": session_source,
         "k": 20,
         "traffic": "callers alternate between tron@champion and sasrec@champion (both resident)",
-        "device": "cpu",
+        "device": device,
+        "gpu": gpu_name(device),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "python": platform.python_version()},
         "conditions": {"loadavg_before": [round(x, 2) for x in load_before],
                        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                       "note": "shared 2-core machine; other engineers' jobs were running"},
+                       "note": args.note},
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "duration_s_per_point": args.duration * args.rounds,
