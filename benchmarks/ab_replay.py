@@ -303,7 +303,10 @@ def checkpoint_metrics(path: Path) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("metrics", "{}"))
+        meta = f.metadata() or {}
+    # "transfer": how the file came from the machine that trained it (benchmarks/gpu/pack.py)
+    extra = {"transfer": meta["transfer"]} if "transfer" in meta else {}
+    return json.loads(meta.get("metrics", "{}")) | extra
 
 
 def offline_test(path: Path) -> dict:
