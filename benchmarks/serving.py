@@ -380,7 +380,7 @@ def main() -> int:
                         help="open-loop Poisson arrivals per second (both modes get the same)")
     parser.add_argument("--max-delay-ms", type=float, default=0.0)
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--precision", choices=("fp32", "bf16"),
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"),
                         help="scoring precision of both servers (default: the model server's)")
     parser.add_argument("--threads", type=int,
                         help="torch threads of both servers (default: the model server's)")

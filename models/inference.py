@@ -52,12 +52,13 @@ def score_batch(model: nn.Module, sessions: list[list[int]]) -> Tensor:
 TOPK_CHUNK = 64
 
 
-def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def top_k(scores: Tensor, k: int, maxima: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """torch.topk(scores, k, dim=1) for a few of many columns, ~2-3x cheaper on a CPU.
 
     The k best columns of a row lie in the k chunks of TOPK_CHUNK columns with the highest maxima
     (a chunk left out has k chunks with a higher maximum, so k higher scores), so only those chunks
-    are searched. Values equal torch.topk's; tied columns may come in another order.
+    are searched. Values equal torch.topk's; tied columns may come in another order. `maxima`: the
+    chunks' maxima when the caller has them already.
     """
     b, n = scores.shape
     c = TOPK_CHUNK
@@ -65,12 +66,50 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return torch.topk(scores, k, dim=1)
     whole = n - n % c
     chunks = scores[:, :whole].view(b, -1, c)
-    best = chunks.amax(2).topk(k, dim=1).indices  # [b, k]
+    best = (chunks.amax(2) if maxima is None else maxima).topk(k, dim=1).indices  # [b, k]
     candidates = chunks.gather(1, best[:, :, None].expand(b, k, c)).reshape(b, k * c)
     values, pos = torch.cat([candidates, scores[:, whole:]], 1).topk(k, dim=1)  # the tail is always in
     columns = torch.where(pos < k * c, best.gather(1, (pos // c).clamp(max=k - 1)) * c + pos % c,
                           whole + pos - k * c)
     return values, columns
+
+
+def top_within(scores: Tensor, k: int, margin: Tensor) -> Tensor:
+    """[B, M] columns holding every column of each row whose score is at least the row's k-th best
+    less `margin` [B], M the largest such count; rows with fewer are padded (with column 0, or with
+    lesser columns where the rows are too short to chunk).
+
+    Chunked as `top_k`: a column that qualifies lies in a chunk whose maximum qualifies, and those
+    are few, so only they are searched.
+    """
+    b, n = scores.shape
+    c = TOPK_CHUNK
+    whole = n - n % c
+    if scores.device.type != "cpu" or k * c * 4 > n:
+        kth = scores.topk(k, dim=1).values[:, -1:]
+        return scores.topk(int((scores >= kth - margin[:, None]).sum(1).max()), dim=1).indices
+    chunks = scores[:, :whole].view(b, -1, c)
+    maxima = chunks.amax(2)  # [b, C]
+    kth = top_k(scores, k, maxima)[0][:, -1:]
+    floor = kth - margin[:, None]
+    # The chunks whose maximum reaches the floor are each row's top `wanted` chunks.
+    wanted = int((maxima >= floor).sum(1).max())
+    best = maxima.topk(wanted, dim=1).indices  # [b, wanted]
+    if whole == n:  # chunks is contiguous: one row per chunk, picked without copying the matrix
+        flat = (best + torch.arange(b)[:, None] * maxima.shape[1]).view(-1)
+        picked = chunks.reshape(-1, c).index_select(0, flat).view(b, wanted * c)
+    else:
+        picked = chunks.gather(1, best[:, :, None].expand(b, wanted, c)).reshape(b, wanted * c)
+    candidates = torch.cat([picked, scores[:, whole:]], 1) if whole < n else picked
+    keep = candidates >= floor
+    counts = keep.sum(1)
+    rows, pos = keep.nonzero(as_tuple=True)
+    columns = torch.where(pos < wanted * c, best[rows, (pos // c).clamp(max=wanted - 1)] * c + pos % c,
+                          whole + pos - wanted * c)
+    slot = torch.arange(len(rows)) - (counts.cumsum(0) - counts)[rows]  # rank among its row's columns
+    out = rows.new_zeros(b, max(k, int(counts.max())))
+    out[rows, slot] = columns
+    return out
 
 
 def topk_batch(model: nn.Module, sessions: list[list[int]], k: int, exclude_seen: bool = False

@@ -31,6 +31,7 @@ import queue
 import socket
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,9 +43,10 @@ import httptools
 import numpy as np
 import orjson
 import torch
+import torch.nn.functional as F
 from abrec.models.checkpoint import load_checkpoint
 from abrec.models.data import ItemMap
-from abrec.models.inference import hidden_last, pad_left, top_k
+from abrec.models.inference import TOPK_CHUNK, hidden_last, pad_left, top_k, top_within
 from abrec.models.registry import ModelAlias, ModelVersion, parse_alias, parse_version
 from abrec.models.store import ArtifactStore
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -58,7 +60,7 @@ MAX_ITEMS = 1000  # items per request; the model reads only its max_len newest a
 MAX_K = 1000
 MAX_BODY = 256 * 1024
 MAX_TIMEOUT_MS = 600_000
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 # bf16 scores pick k + SHORTLIST_MARGIN candidates for fp32 re-scoring: bf16 rounding (~0.4 %) can
 # reorder near-ties, but not push one of the fp32 top k that far down.
 SHORTLIST_MARGIN = 12
@@ -233,6 +235,54 @@ class Bf16Product:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [None], "")
 
 
+class Int8Product:
+    """h [B, d] -> row-scaled scores of every item from int8 weights, with a proven error bound.
+
+    fbgemm's int8 GEMM costs ~3.8 ms CPU for 16 sessions where MKL's fp32 takes ~13 ms on AVX2
+    without native bf16 (43,097 items, d=200). Each row is scaled to max |x| = 63/64 and rounded
+    to multiples of 1/64 here, so fbgemm's 7-bit activations (its int16 pair sums never saturate)
+    hold it exactly and the rounding residual r is known: `__call__` gives x^ . w^ for every item,
+    and x . w is within `slack` of it (Cauchy-Schwarz on the two residuals, plus float rounding).
+    Only the order within a row matters for a shortlist, so the row scaling is never undone.
+    """
+
+    STEP = 1 / 64  # a power of two: x / STEP and back are exact in float
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        w = weight.detach().float()
+        # Zero rows up to a whole number of top-k chunks, so that the chunks of a score row are a
+        # contiguous view (the caller sets those columns to -inf).
+        w = torch.cat([w, w.new_zeros(-len(w) % TOPK_CHUNK, w.shape[1])])
+        self.columns = len(w)
+        amax = w.abs().amax(1)
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; the prepacked op is not
+            warnings.simplefilter("ignore")
+            zero = torch.zeros_like(amax, dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
+        self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        self.w_norm = float(w.norm(dim=1).max())
+        self.err_norm = float((w - q.float() * scale[:, None]).norm(dim=1).max())
+        self.abs_max = float(amax.max())
+        self.nbytes = q.numel()
+        self._op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (scores [B, N], slack [B]): |scores - x . W.T| <= slack, x = hidden scaled per row."""
+        x = hidden * ((63 / 64) / hidden.abs().amax(1, keepdim=True).clamp_min(1e-30))
+        xq = torch.round(x * 64) * self.STEP
+        scores = self._op(xq, self.STEP, 64, self.packed)  # 64 + x / STEP lies in 1..127
+        rest = (x - xq).norm(dim=1)
+        slack = (rest * self.w_norm + xq.norm(dim=1) * self.err_norm) * 1.001
+        return scores, slack + 1e-5 * xq.abs().sum(1) * self.abs_max
+
+
+def int8_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
+
+
 class LoadedVersion:
     """One registry version resident on the device, with its id map and its batcher."""
 
@@ -260,6 +310,15 @@ class LoadedVersion:
             # fp32 rows then re-score a shortlist, so answers and scores are fp32's.
             self.product = Bf16Product(self.weight)
             extra = self.weight.numel() * 2
+        elif precision == "int8":
+            # int8 scores every item with a proven error bound; the fp32 rows then re-score every
+            # item that bound can't rule out, so answers and scores are fp32's.
+            self.product = Int8Product(self.weight)
+            extra = self.product.nbytes
+            # The padding columns' ids and rows (never returned: their scores are -inf).
+            pad = self.product.columns - len(self.external)
+            self.external = np.concatenate([self.external, np.full(pad, "", dtype=object)])
+            self.weight = torch.cat([self.weight, self.weight.new_zeros(pad, self.weight.shape[1])])
         else:
             # A contiguous transposed [d, N+1] copy on a CPU: MKL runs `h @ W.T` over the
             # transposed view ~3x slower for one session (1.4 vs 4.7 ms CPU). GPUs need no copy.
@@ -288,17 +347,26 @@ class LoadedVersion:
         """One forward pass for the whole batch, then per-request exclusion and top-k."""
         with torch.inference_mode():
             hidden = hidden_last(self.model, [r.session for r in batch])
-            scores = self.product(hidden).float()
+            if self.precision == "int8":
+                scores, slack = self.product(hidden)
+                scores[:, self.n_items + 1:] = float("-inf")  # the product's padding
+            else:
+                scores = self.product(hidden).float()
             scores[:, 0] = float("-inf")
-            rows = [i for i, r in enumerate(batch) if r.exclude_seen]
-            if rows:
-                seen, _ = pad_left([batch[i].session for i in rows], max(len(batch[i].session) for i in rows),
-                                   scores.device)
-                index = torch.as_tensor(rows, device=scores.device)
-                scores[index] = scores[index].scatter(1, seen, float("-inf"))
+            if any(r.exclude_seen for r in batch):
+                # Rows that exclude nothing scatter onto column 0, which is -inf already.
+                seen, _ = pad_left([r.session if r.exclude_seen else [] for r in batch],
+                                   max(len(r.session) for r in batch), scores.device)
+                scores.scatter_(1, seen, float("-inf"))
             k = min(max(r.k for r in batch), self.n_items)
             if self.precision == "bf16":
-                values, ids = self._rescore(hidden, scores, k)
+                shortlist = top_k(scores, min(self.n_items + 1, k + SHORTLIST_MARGIN))[1]
+                values, ids = self._rescore(hidden, scores, shortlist, k)
+            elif self.precision == "int8":
+                # Every item whose int8 score is within twice the bound of the k-th best: an item of
+                # the exact top k scores at least the k-th best exact score, itself at least the k-th
+                # best int8 score less the bound, and its int8 score is at most the bound above that.
+                values, ids = self._rescore(hidden, scores, top_within(scores, k, 2 * slack), k)
             else:
                 values, ids = top_k(scores, k)
             values = values.cpu().numpy()
@@ -310,10 +378,11 @@ class LoadedVersion:
             n = min(n, r.k)  # excluded items sort last, with -inf
             r.future.set_result(Result(row_names[:n], row_values[:n], self.label, r.unknown))
 
-    def _rescore(self, hidden: torch.Tensor, rough: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-        """Top-k by fp32 scores, among a shortlist of the best by bf16 scores."""
-        shortlist = top_k(rough, min(self.n_items + 1, k + SHORTLIST_MARGIN))[1]
-        exact = torch.bmm(self.weight[shortlist], hidden[:, :, None])[:, :, 0]
+    def _rescore(self, hidden: torch.Tensor, rough: torch.Tensor, shortlist: torch.Tensor, k: int
+                 ) -> tuple[torch.Tensor, ...]:
+        """Top-k by fp32 scores among a shortlist [B, M] of item ids."""
+        # A dot product per (row, item): ~4x cheaper than bmm's batched matrix-vector products.
+        exact = torch.linalg.vecdot(F.embedding(shortlist, self.weight), hidden[:, None, :])
         exact[rough.gather(1, shortlist) == float("-inf")] = float("-inf")  # padding and excluded items
         values, order = exact.topk(k, dim=1)
         return values, shortlist.gather(1, order)
@@ -341,10 +410,13 @@ def default_device() -> str:
 
 
 def default_precision(device: str) -> str:
-    """bf16 scoring where the hardware multiplies bf16 natively (AMX or AVX512-BF16, CUDA), else fp32."""
+    """bf16 scoring where the hardware multiplies bf16 natively (AMX or AVX512-BF16, CUDA); else, on a
+    CPU, int8 (fbgemm), which answers as fp32 does at about a third of its cost; else fp32."""
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported() else "fp32"
+    if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported():
+        return "bf16"
+    return "int8" if int8_available() else "fp32"
 
 
 class ModelServer:
@@ -377,6 +449,9 @@ class ModelServer:
             raise ValueError("max_batch and concurrent_batches must be >= 1 and max_delay_s >= 0")
         if precision not in (None, *PRECISIONS):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        on_cpu = torch.device(device or default_device()).type == "cpu"
+        if precision == "int8" and not (on_cpu and int8_available()):
+            raise ValueError("int8 scoring needs a CPU with fbgemm")
         self.sessions = sessions
         self.store = store
         self.explicit = list(dict.fromkeys(aliases))

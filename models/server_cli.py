@@ -24,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="longest wait for a batch to fill (0: take what is queued when the device frees)")
     p.add_argument("--poll-s", type=float, default=1.0, help="seconds between alias checks")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--precision", choices=("fp32", "bf16"),
-                   help="scoring precision; bf16 shortlists, fp32 re-scores the shortlist (default: bf16 "
-                   "where the device multiplies bf16 natively, else fp32)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"),
+                   help="scoring precision; bf16 or int8 shortlists, fp32 re-scores the shortlist (default: "
+                   "bf16 where the device multiplies bf16 natively, else int8 on a CPU, else fp32)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default on CPU: one per core but one)")
     p.add_argument("--concurrent-batches", type=int,
                    help="batches (of different models) computing at once (default: 1 on a GPU; on a CPU "

@@ -28,7 +28,7 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@pytest.fixture(params=["fp32", "bf16"])
+@pytest.fixture(params=["fp32", "bf16", "int8"])
 def served(request, sqlite_url: str, tmp_path: Path, make_checkpoint):
     engine = make_engine(sqlite_url)
     init_db(engine)
@@ -40,7 +40,7 @@ def served(request, sqlite_url: str, tmp_path: Path, make_checkpoint):
         registry.set_alias(s, "tron@champion", "tron:1", actor="t")
         s.commit()
     # A long queue delay makes sure concurrent submissions really share forward passes.
-    # bf16 shortlists and re-scores in fp32: it must give fp32's answers too.
+    # bf16 and int8 shortlist and re-score in fp32: they must give fp32's answers too.
     # Two versions' batches may compute at once (as on a 2-core CPU with one torch thread each).
     server = ModelServer(sessions, store, aliases=["tron@champion"], discover=False, max_batch=32,
                          max_delay_s=0.05, poll_s=60, precision=request.param, concurrent_batches=2).start()
