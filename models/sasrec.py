@@ -79,6 +79,7 @@ class SASRec(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
+        self._masks: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
 
     def _embed(self, items: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """-> (input embeddings [B, L, d], attention mask [B, 1, L, L] of the keys each query sees)."""
@@ -86,11 +87,23 @@ class SASRec(nn.Module):
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}")
         x = self.item_emb(items) * math.sqrt(self.hidden) + self.pos_emb.weight[self.max_len - length:]
-        causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+        causal, diagonal = self._causal(length, items.device)
         # Padding keys are hidden; every query may attend to itself so that padded rows, whose
-        # output is never used, do not turn into NaN.
-        allowed = (causal & mask[:, None, :]) | torch.eye(length, dtype=torch.bool, device=items.device)
+        # output is never used, do not turn into NaN. (The diagonal lies inside the causal mask.)
+        allowed = causal & (mask[:, None, :] | diagonal)
         return x, allowed[:, None]
+
+    def _causal(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The [L, L] causal and diagonal masks, made once per length: serving asks for a few
+        lengths over and over, and four tensor operations per call cost more than the lookup."""
+        key = (length, device)
+        masks = self._masks.get(key)
+        if masks is None:
+            with torch.inference_mode(False):  # plain tensors, usable in training and inference alike
+                masks = (torch.ones(length, length, dtype=torch.bool, device=device).tril(),
+                         torch.eye(length, dtype=torch.bool, device=device))
+            self._masks[key] = masks
+        return masks
 
     def forward(self, items: Tensor, mask: Tensor) -> Tensor:
         """items [B, L] left-padded internal ids, mask [B, L] True at real clicks -> hidden [B, L, d].
@@ -116,8 +129,8 @@ class SASRec(nn.Module):
         keep = mask.clone()
         keep[:, -1] = True  # an empty session is read at its last position too, as in forward
         # Kept positions column-major, so that the last column's B positions come last.
-        kept = keep.T.reshape(-1).nonzero()[:, 0]
-        kept = (kept % items.shape[0]) * items.shape[1] + kept // items.shape[0]
+        column_row = keep.T.nonzero()
+        kept = column_row[:, 1] * items.shape[1] + column_row[:, 0]
         x, allowed = self._embed(items, mask)
         x = x.reshape(-1, self.hidden)[kept]
         for i, block in enumerate(self.blocks):
