@@ -76,8 +76,8 @@ def top_k(scores: Tensor, k: int, maxima: Tensor | None = None) -> tuple[Tensor,
 
 def top_within(scores: Tensor, k: int, margin: Tensor) -> Tensor:
     """[B, M] columns holding every column of each row whose score is at least the row's k-th best
-    less `margin` [B], M the largest such count; rows with fewer are padded (with column 0, or with
-    lesser columns where the rows are too short to chunk).
+    less `margin` [B] (and maybe a few more), M the largest such count; rows with fewer are padded
+    (with column 0, or with lesser columns where the rows are too short to chunk).
 
     Chunked as `top_k`: a column that qualifies lies in a chunk whose maximum qualifies, and those
     are few, so only they are searched.
@@ -90,11 +90,17 @@ def top_within(scores: Tensor, k: int, margin: Tensor) -> Tensor:
         return scores.topk(int((scores >= kth - margin[:, None]).sum(1).max()), dim=1).indices
     chunks = scores[:, :whole].view(b, -1, c)
     maxima = chunks.amax(2)  # [b, C]
-    kth = top_k(scores, k, maxima)[0][:, -1:]
-    floor = kth - margin[:, None]
+    if whole < n:
+        maxima = torch.cat([maxima, scores[:, whole:].amax(1, keepdim=True)], 1)
+    # The k-th best chunk maximum is at most the k-th best score (the k best chunks hold k scores at
+    # least that high), so this floor is at most the asked one: more columns, never fewer.
+    ranked = maxima.topk(k, dim=1).values
+    floor = ranked[:, -1:] - margin[:, None]
     # The chunks whose maximum reaches the floor are each row's top `wanted` chunks.
     wanted = int((maxima >= floor).sum(1).max())
-    best = maxima.topk(wanted, dim=1).indices  # [b, wanted]
+    maxima = maxima[:, : whole // c]
+    best = maxima.topk(min(wanted, maxima.shape[1]), dim=1).indices  # [b, wanted]
+    wanted = best.shape[1]
     if whole == n:  # chunks is contiguous: one row per chunk, picked without copying the matrix
         flat = (best + torch.arange(b)[:, None] * maxima.shape[1]).view(-1)
         picked = chunks.reshape(-1, c).index_select(0, flat).view(b, wanted * c)
