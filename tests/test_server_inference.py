@@ -126,7 +126,10 @@ def test_shortlist_scoring_answers_as_fp32(make_checkpoint, exclude: bool, preci
     ids, _ = topk_batch(ckpt.model, internal, 20, exclude_seen=exclude)
     external = ckpt.item_map.to_external
     assert [a.items[:20] for a in fp32[:8]] == [[external(int(i)) for i in row] for row in ids]
-    assert rough.memory_bytes < exact.memory_bytes  # a bf16 or int8 copy of the scoring matrix, not fp32
+    if precision == "bf16":  # a bf16 copy of the scoring matrix, not fp32
+        assert rough.memory_bytes < exact.memory_bytes
+    else:  # an int8 copy besides fp32's (for single sessions)
+        assert rough.memory_bytes > exact.memory_bytes
 
 
 def test_one_session_batches_of_every_size_agree(make_checkpoint) -> None:
