@@ -11,6 +11,13 @@ Exposures are insert-if-absent (`ON CONFLICT (phase_id, user_id) DO NOTHING`) an
 (`ON CONFLICT (impression_id, item_id) DO NOTHING ... RETURNING`, which tells a duplicate apart);
 both are safe under any number of processes on SQLite and PostgreSQL.
 
+The writer is the one serial step of every request, so its transaction is lean: SQLAlchemy opens
+and commits it (its events and pool still apply), but the INSERTs go straight to the driver's
+cursor as fixed SQL over rows that the request threads already turned into the driver's values
+(half the CPU of compiled Core statements for a batch of a few requests, A/B in
+benchmarks/RESULTS.md#load). The values are those SQLAlchemy's column types would bind: UTC
+datetimes (on SQLite the naive text SQLAlchemy stores), JSON text, booleans.
+
 Failure handling: if the database is unreachable the batch fails, its requests get `LogUnavailable`
 at once, and for `retry_after_s` further batches fail without touching the database; then the next
 batch tries again, so the log recovers by itself when the database returns. If one request's rows
@@ -24,17 +31,44 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import CancelledError, Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from abrec.experiments import metrics
-from abrec.experiments.schema import Click, Exposure, Impression
-from sqlalchemy import Connection, Engine, insert
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 log = logging.getLogger("abrec.eventlog")
+
+EXPOSURE_COLUMNS = ("experiment_id", "phase_id", "user_id", "arm_name", "first_seen_at")
+IMPRESSION_COLUMNS = (
+    "id",
+    "experiment_id",
+    "phase_id",
+    "user_id",
+    "session_id",
+    "arm_name",
+    "model_version",
+    "items",
+    "fallback",
+    "latency_ms",
+    "in_analysis",
+    "created_at",
+)
+CLICK_COLUMNS = (
+    "impression_id",
+    "experiment_id",
+    "phase_id",
+    "user_id",
+    "arm_name",
+    "item_id",
+    "position",
+    "in_analysis",
+    "created_at",
+)
+_CLICK_CHUNK = 100  # rows per multi-row click INSERT (9 parameters each: far below SQLite's limit)
 
 
 class LogUnavailable(RuntimeError):
@@ -52,26 +86,100 @@ class Outcome:
     duplicate_clicks: list[bool] = field(default_factory=list)
 
 
-@dataclass
+_QUEUED, _RUNNING, _CANCELLED = 0, 1, 2
+
+
 class _Pending:
-    impressions: Sequence[dict[str, Any]]
-    exposures: Sequence[dict[str, Any]]
-    clicks: Sequence[dict[str, Any]]
-    future: Future
+    """One request's rows (as driver values) and the lock its thread sleeps on until the writer is done.
 
-    @property
-    def rows(self) -> int:
-        return len(self.impressions) + len(self.exposures) + len(self.clicks)
+    A bare lock is the cheapest wake-up CPython has (a Future builds a Condition and an RLock)."""
+
+    __slots__ = ("impressions", "exposures", "clicks", "rows", "state", "done", "outcome", "error")
+
+    def __init__(self, impressions: list[tuple], exposures: list[tuple], clicks: list[tuple]) -> None:
+        self.impressions, self.exposures, self.clicks = impressions, exposures, clicks
+        self.rows = len(impressions) + len(exposures) + len(clicks)
+        self.state = _QUEUED
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.outcome: Outcome | None = None
+        self.error: Exception | None = None
+
+    def finish(self, outcome: Outcome | None = None, error: Exception | None = None) -> None:
+        self.outcome, self.error = outcome, error
+        self.done.release()
 
 
-def _dialect_insert(engine: Engine, table):
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    elif engine.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    else:  # pragma: no cover - the platform supports these two
-        raise ValueError(f"the event log supports SQLite and PostgreSQL, not {engine.dialect.name}")
-    return dialect_insert(table)
+class _Sql:
+    """The event log's statements and value conversions for one dialect (SQLite or PostgreSQL)."""
+
+    def __init__(self, dialect: str) -> None:
+        if dialect not in ("sqlite", "postgresql"):  # pragma: no cover - the platform supports these two
+            raise ValueError(f"the event log supports SQLite and PostgreSQL, not {dialect}")
+        self.sqlite = dialect == "sqlite"
+        mark = "?" if self.sqlite else "%s"
+        json_mark = mark if self.sqlite else "%s::json"
+
+        def values(columns: Sequence[str]) -> str:
+            return "(" + ", ".join(json_mark if c == "items" else mark for c in columns) + ")"
+
+        self.exposure = (
+            f"INSERT INTO exposures ({', '.join(EXPOSURE_COLUMNS)}) VALUES {values(EXPOSURE_COLUMNS)} "
+            "ON CONFLICT (phase_id, user_id) DO NOTHING"
+        )
+        self.impression = (
+            f"INSERT INTO impressions ({', '.join(IMPRESSION_COLUMNS)}) VALUES {values(IMPRESSION_COLUMNS)}"
+        )
+        self._click_head = f"INSERT INTO clicks ({', '.join(CLICK_COLUMNS)}) VALUES "
+        self._click_values = values(CLICK_COLUMNS)
+        self._click_tail = " ON CONFLICT (impression_id, item_id) DO NOTHING RETURNING impression_id, item_id"
+        self._click_sql: dict[int, str] = {}
+
+    def clicks(self, n: int) -> str:
+        sql = self._click_sql.get(n)
+        if sql is None:
+            sql = self._click_head + ", ".join([self._click_values] * n) + self._click_tail
+            self._click_sql[n] = sql
+        return sql
+
+    def when(self, value: datetime) -> Any:
+        # What UTCDateTime binds: aware UTC for PostgreSQL; for SQLite the naive UTC text SQLAlchemy writes.
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None).isoformat(" ", "microseconds") if self.sqlite else value
+
+    def exposure_row(self, r: dict[str, Any]) -> tuple:
+        return (r["experiment_id"], r["phase_id"], r["user_id"], r["arm_name"], self.when(r["first_seen_at"]))
+
+    def impression_row(self, r: dict[str, Any]) -> tuple:
+        return (
+            r["id"],
+            r["experiment_id"],
+            r["phase_id"],
+            r["user_id"],
+            r["session_id"],
+            r["arm_name"],
+            r["model_version"],
+            orjson.dumps(r["items"]).decode(),
+            bool(r["fallback"]),
+            float(r["latency_ms"]),
+            bool(r["in_analysis"]),
+            self.when(r["created_at"]),
+        )
+
+    def click_row(self, r: dict[str, Any]) -> tuple:
+        return (
+            r["impression_id"],
+            r["experiment_id"],
+            r["phase_id"],
+            r["user_id"],
+            r["arm_name"],
+            r["item_id"],
+            r["position"],
+            bool(r["in_analysis"]),
+            self.when(r["created_at"]),
+        )
 
 
 class EventLog:
@@ -84,24 +192,17 @@ class EventLog:
         self.max_rows = max_rows
         self.max_wait_s = max_wait_s
         self.retry_after_s = retry_after_s
+        self._sql = _Sql(engine.dialect.name)
+        self._dbapi = engine.dialect.dbapi
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._down_until = 0.0  # monotonic time before which batches fail without trying
         self._stopped = threading.Event()
+        self._state_lock = threading.Lock()  # a request giving up races the writer taking it
         self._thread: threading.Thread | None = None
         self.batches = 0  # committed transactions, for tests and /readyz
         # The writer's own connection, kept between batches: checking one out of the pool and back
         # for every batch cost more CPU than the inserts of a small batch. Dropped after any error.
         self._conn: Connection | None = None
-        self._insert_exposure = _dialect_insert(engine, Exposure.__table__).on_conflict_do_nothing(
-            index_elements=["phase_id", "user_id"]
-        )
-        self._insert_impression = insert(Impression.__table__)
-        clicks = Click.__table__
-        self._insert_click = (
-            _dialect_insert(engine, clicks)
-            .on_conflict_do_nothing(index_elements=["impression_id", "item_id"])
-            .returning(clicks.c.impression_id, clicks.c.item_id)
-        )
 
     # ------------------------------------------------------------------ requests' side
 
@@ -109,17 +210,6 @@ class EventLog:
         self._thread = threading.Thread(target=self._run, name="eventlog-writer", daemon=True)
         self._thread.start()
         return self
-
-    def submit(
-        self, *, impressions: Sequence[dict] = (), exposures: Sequence[dict] = (), clicks: Sequence[dict] = ()
-    ) -> Future:
-        future: Future = Future()
-        if self._stopped.is_set():
-            future.set_exception(LogUnavailable("the event log is stopped"))
-            return future
-        self._queue.put(_Pending(impressions, exposures, clicks, future))
-        metrics.QUEUE_DEPTH.inc()
-        return future
 
     def write(
         self,
@@ -130,19 +220,30 @@ class EventLog:
         timeout_s: float = 5.0,
     ) -> Outcome:
         """Commit the rows and return once they are durable; LogUnavailable or RowsRejected if not."""
-        future = self.submit(impressions=impressions, exposures=exposures, clicks=clicks)
-        try:
-            return future.result(timeout=timeout_s)
-        except FutureTimeout:
-            if future.cancel():  # not picked up yet: it will never be written
-                raise LogUnavailable(f"the event log did not commit within {timeout_s:g} s") from None
-        except CancelledError:
-            raise LogUnavailable("the event log was stopped") from None
-        # Already inside a transaction: its outcome decides, so wait for it (bounded once more).
-        try:
-            return future.result(timeout=timeout_s)
-        except FutureTimeout:
-            raise LogUnavailable(f"the event log did not commit within {2 * timeout_s:g} s") from None
+        sql = self._sql
+        p = _Pending(
+            [sql.impression_row(r) for r in impressions],
+            [sql.exposure_row(r) for r in exposures],
+            [sql.click_row(r) for r in clicks],
+        )
+        if self._stopped.is_set():
+            raise LogUnavailable("the event log is stopped")
+        self._queue.put(p)
+        metrics.QUEUE_DEPTH.inc()
+        if not p.done.acquire(timeout=timeout_s):
+            with self._state_lock:
+                cancelled = p.state == _QUEUED
+                if cancelled:
+                    p.state = _CANCELLED  # the writer will drop it: it is never written
+            if cancelled:
+                raise LogUnavailable(f"the event log did not commit within {timeout_s:g} s")
+            # Already inside a transaction: its outcome decides, so wait for it (bounded once more).
+            if not p.done.acquire(timeout=timeout_s):
+                raise LogUnavailable(f"the event log did not commit within {2 * timeout_s:g} s")
+        if p.error is not None:
+            raise p.error
+        assert p.outcome is not None
+        return p.outcome
 
     @property
     def queue_depth(self) -> int:
@@ -158,16 +259,19 @@ class EventLog:
     # ------------------------------------------------------------------ the writer
 
     def _take_batch(self) -> tuple[list[_Pending], bool]:
-        """Block for the first request, then gather more for up to max_wait_s. (batch, stop?)"""
+        """Block for the first request, let more arrive for max_wait_s, take what came. (batch, stop?)
+
+        The writer sleeps through the window instead of waiting on the queue, so a request that
+        arrives meanwhile wakes nobody: one wake-up per batch, not one per request."""
         first = self._queue.get()
         if first is None:
             return self._drain(), True
+        if self.max_wait_s > 0:
+            time.sleep(self.max_wait_s)
         batch, rows = [first], first.rows
-        deadline = time.monotonic() + self.max_wait_s
         while rows < self.max_rows:
-            remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
@@ -191,16 +295,19 @@ class EventLog:
         while True:
             batch, stop = self._take_batch()
             metrics.QUEUE_DEPTH.dec(len(batch))
-            # A request that gave up waiting (cancelled its future) is dropped, never written.
-            live = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            # A request that gave up waiting (cancelled) is dropped, never written.
+            with self._state_lock:
+                live = [p for p in batch if p.state == _QUEUED]
+                for p in live:
+                    p.state = _RUNNING
             if live:
                 try:
                     self._commit_batch(live)
                 except Exception as exc:  # the writer must survive anything; requests get the error
                     log.exception("event log writer failed")
                     for p in live:
-                        if not p.future.done():
-                            p.future.set_exception(LogUnavailable(f"event log writer failed: {exc}"))
+                        if p.outcome is None and p.error is None:
+                            p.finish(error=LogUnavailable(f"event log writer failed: {exc}"))
             if stop:
                 if self._conn is not None:
                     self._conn.close()
@@ -212,36 +319,50 @@ class EventLog:
             return
         try:
             outcomes = self._write(batch)
-        except IntegrityError:
+        except Exception as exc:
+            kind = self._classify(exc)
+            if kind == "down":
+                self._database_down(batch, exc)
+                return
             # Some request's rows break a constraint: isolate it, commit the others.
             metrics.COMMITS.labels("rejected").inc()
             for p in batch:
                 self._commit_one(p)
-            return
-        except DBAPIError as exc:
-            if not _is_disconnect(exc):
-                metrics.COMMITS.labels("rejected").inc()
-                for p in batch:
-                    self._commit_one(p)
-                return
-            self._database_down(batch, exc)
-            return
-        except SQLAlchemyError as exc:
-            self._database_down(batch, exc)
             return
         self._release(batch, outcomes)
 
     def _commit_one(self, p: _Pending) -> None:
         try:
             outcomes = self._write([p])
-        except DBAPIError as exc:
-            if _is_disconnect(exc):
+        except Exception as exc:
+            if self._classify(exc) == "down":
                 self._database_down([p], exc)
             else:
-                log.warning("event log refused a request's rows: %s", exc.orig)
-                p.future.set_exception(RowsRejected(str(exc.orig)))
+                orig = getattr(exc, "orig", None) or exc
+                log.warning("event log refused a request's rows: %s", orig)
+                p.finish(error=RowsRejected(str(orig)))
             return
         self._release([p], outcomes)
+
+    def _classify(self, exc: Exception) -> str:
+        """ "rejected" (the rows: a constraint, bad data) or "down" (the database); re-raise anything else.
+
+        Errors of the INSERTs come from the driver itself; those of connecting, BEGIN and COMMIT
+        come wrapped by SQLAlchemy."""
+        dbapi = self._dbapi
+        if isinstance(exc, DBAPIError):
+            if isinstance(exc.orig, dbapi.IntegrityError):
+                return "rejected"
+            return "down" if _is_disconnect(exc) else "rejected"
+        if isinstance(exc, SQLAlchemyError):
+            return "down"
+        if isinstance(exc, dbapi.IntegrityError):
+            return "rejected"
+        if isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError):
+            return "down"
+        if isinstance(exc, dbapi.Error):
+            return "rejected"
+        raise exc
 
     def _database_down(self, batch: list[_Pending], exc: Exception) -> None:
         metrics.COMMITS.labels("failed").inc()
@@ -252,54 +373,63 @@ class EventLog:
     @staticmethod
     def _fail(batch: list[_Pending], exc: Exception) -> None:
         for p in batch:
-            p.future.set_exception(exc)
+            p.finish(error=exc)
 
     def _release(self, batch: list[_Pending], outcomes: list[Outcome]) -> None:
         self.batches += 1
         metrics.COMMITS.labels("ok").inc()
         metrics.BATCH_ROWS.observe(sum(p.rows for p in batch))
         for p, outcome in zip(batch, outcomes, strict=True):
-            p.future.set_result(outcome)
+            p.finish(outcome)
 
     def _write(self, batch: list[_Pending]) -> list[Outcome]:
         """One transaction for the whole batch; per request, which of its clicks were duplicates."""
-        exposures = _unique([row for p in batch for row in p.exposures], ("phase_id", "user_id"))
+        # Key columns: exposures (phase_id, user_id) = 1, 2; clicks (impression_id, item_id) = 0, 5.
+        exposures = _unique([row for p in batch for row in p.exposures], 1, 2)
         impressions = [row for p in batch for row in p.impressions]
-        clicks = [row for p in batch for row in p.clicks]
         # The first of several identical clicks in one batch is the one that may be new.
-        first_clicks = _unique(clicks, ("impression_id", "item_id"))
+        first_clicks = _unique([row for p in batch for row in p.clicks], 0, 5)
         inserted: set[tuple[str, str]] = set()
         if self._conn is None:
             self._conn = self.engine.connect()
         conn = self._conn
         try:
             with conn.begin():
-                if exposures:
-                    conn.execute(self._insert_exposure, exposures)
-                if impressions:
-                    conn.execute(self._insert_impression, impressions)
-                if first_clicks:
-                    inserted = {(r[0], r[1]) for r in conn.execute(self._insert_click, first_clicks)}
+                cursor = conn.connection.cursor()
+                try:
+                    if exposures:
+                        cursor.executemany(self._sql.exposure, exposures)
+                    if impressions:
+                        cursor.executemany(self._sql.impression, impressions)
+                    for i in range(0, len(first_clicks), _CLICK_CHUNK):
+                        chunk = first_clicks[i : i + _CLICK_CHUNK]
+                        cursor.execute(self._sql.clicks(len(chunk)), [v for row in chunk for v in row])
+                        inserted.update((r[0], r[1]) for r in cursor.fetchall())
+                finally:
+                    cursor.close()
         except BaseException:
             self._conn = None  # rolled back; a fresh connection next time (the old one may be dead)
-            conn.close()
+            try:
+                conn.invalidate()  # never hand a connection that failed mid-transaction back to the pool
+            except Exception:  # noqa: BLE001 - it is being thrown away either way
+                pass
             raise
         outcomes = []
         for p in batch:
             dups = []
             for row in p.clicks:
-                key = (row["impression_id"], row["item_id"])
+                key = (row[0], row[5])
                 dups.append(key not in inserted)
                 inserted.discard(key)  # a second identical click in the batch is a duplicate
             outcomes.append(Outcome(dups))
         return outcomes
 
 
-def _unique(rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
+def _unique(rows: list[tuple], a: int, b: int) -> list[tuple]:
     seen: set[tuple] = set()
     out = []
     for row in rows:
-        k = tuple(row[c] for c in key)
+        k = (row[a], row[b])
         if k not in seen:
             seen.add(k)
             out.append(row)

@@ -8,6 +8,7 @@ in that directory and `/metrics` sums them, so the numbers do not depend on whic
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -49,6 +50,19 @@ BATCH_ROWS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 COMMITS = Counter("abrec_eventlog_commits_total", "Event-log transactions", ["outcome"])
+
+
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: the hot path's label sets are few (experiments x arms),
+    and `labels()` validates, locks and builds keys on every call."""
+    key = (metric, labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
 
 
 def exposition() -> tuple[bytes, str]:

@@ -23,11 +23,13 @@ class Signer:
     def __init__(self, secret: str) -> None:
         if not secret:
             raise ValueError("the signing secret must not be empty")
-        self._key = secret.encode()
+        # The keyed state after the key's blocks, copied per token instead of re-deriving it.
+        self._keyed = hmac.new(secret.encode(), digestmod=hashlib.sha256)
 
     def _mac(self, row_id: str, issued_at: int) -> str:
-        msg = f"{row_id}.{issued_at}".encode()
-        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:32]  # 128 bits
+        mac = self._keyed.copy()
+        mac.update(f"{row_id}.{issued_at}".encode())
+        return mac.hexdigest()[:32]  # 128 bits
 
     def sign(self, row_id: str, issued_at: int) -> str:
         return f"{row_id}.{issued_at}.{self._mac(row_id, issued_at)}"

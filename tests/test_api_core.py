@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 from abrec.experiments import metrics
-from abrec.experiments.api import create_app, shutdown
+from abrec.experiments.api import MAX_BODY_BYTES, create_app, shutdown
 from abrec.experiments.clock import get_clock
 from abrec.experiments.schema import Click, Exposure, Impression, utcnow
 from abrec.experiments.signing import Signer
@@ -359,3 +359,54 @@ def test_api_process_never_imports_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_hot_path_answers_as_the_flask_routes_do(api) -> None:
+    """The plain POSTs skip Flask (HotPath); the same requests through Flask's routes get the same answers."""
+    client, _, sessions = api
+    app = client.application
+    hot = app.wsgi_app
+    assert hot.__class__.__name__ == "HotPath"
+    # One impression per pass (same user, so same arm): each pass's click is new.
+    slates = [client.post("/v1/recommendations", json=recommend_body("hana")).json for _ in range(2)]
+
+    def cases(good: dict) -> list:
+        return [
+            ("/v1/recommendations", recommend_body("hana")),
+            ("/v1/recommendations", recommend_body("hana", experiment="nope")),
+            ("/v1/recommendations", {**recommend_body("hana"), "k": 0}),
+            ("/v1/recommendations", {**recommend_body("hana"), "extra": 1}),
+            ("/v1/recommendations", b"{"),
+            ("/v1/recommendations", b""),
+            ("/v1/clicks", {"impression_id": good["impression_id"], "item_id": good["items"][1]}),
+            ("/v1/clicks", {"impression_id": good["impression_id"], "item_id": "not-shown"}),
+            ("/v1/clicks", {"impression_id": "x" * 20, "item_id": "i1"}),
+        ]
+
+    def answers(good: dict) -> list:
+        out = []
+        for path, body in cases(good):
+            raw = body if isinstance(body, bytes) else None
+            resp = client.post(path, data=raw, json=None if raw is not None else body)
+            data = resp.get_json()
+            if data and "impression_id" in data:  # fresh per request; the rest must match
+                assert data.pop("impression_id").count(".") == 2
+            out.append((resp.status_code, resp.headers["Content-Type"], data))
+        return out
+
+    through_hot = answers(slates[0])
+    app.wsgi_app = hot.flask_wsgi
+    try:
+        through_flask = answers(slates[1])
+    finally:
+        app.wsgi_app = hot
+    assert through_hot == through_flask
+    assert [status for status, _, _ in through_hot] == [200, 404, 400, 400, 400, 400, 200, 422, 400]
+    # The hot path counts its requests as Flask's hook does.
+    text = client.get("/metrics").data.decode()
+    assert 'abrec_api_requests_total{endpoint="/v1/recommendations",status="404"}' in text
+    # A body over the limit goes on to Flask, whose refusal is JSON too.
+    big = client.post(
+        "/v1/recommendations", data=b"x" * (MAX_BODY_BYTES + 1), content_type="application/json"
+    )
+    assert big.status_code == 413 and big.json["error"] == "request entity too large"

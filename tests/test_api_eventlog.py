@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import uuid
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 from abrec.experiments import service
@@ -174,3 +176,39 @@ def test_unreachable_database_fails_fast_with_log_unavailable() -> None:
         log.write(impressions=[_impression(1, 1, "u")], timeout_s=10)
     log.close()
     engine.dispose()
+
+
+def test_rows_hold_what_sqlalchemy_would_have_bound(db) -> None:
+    """The writer binds driver values itself: the stored datetimes, JSON and booleans must be the ones
+    SQLAlchemy's column types store, or queries that bind them (created_at windows) would miss rows."""
+    engine, exp_id, phase_id = db
+    log = EventLog(engine).start()
+    when = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)  # whole seconds: no microseconds to drop
+    later = datetime(2026, 3, 1, 13, 30, 15, 123456, tzinfo=ZoneInfo("Europe/Berlin"))  # another zone
+    imp = _impression(exp_id, phase_id, "u1", created_at=when, items=["i1", 7, "ü"], fallback=True)
+    log.write(impressions=[imp], exposures=[_exposure(exp_id, phase_id, "u1") | {"first_seen_at": later}])
+    click = {
+        "impression_id": imp["id"],
+        "experiment_id": exp_id,
+        "phase_id": phase_id,
+        "user_id": "u1",
+        "arm_name": "a",
+        "item_id": "i1",
+        "position": 0,
+        "in_analysis": False,
+        "created_at": later,
+    }
+    assert log.write(clicks=[click]).duplicate_clicks == [False]
+    log.close()
+    with session_factory(engine)() as s:
+        # Equality on a bound datetime compares stored values as SQLAlchemy renders them.
+        def count(column, value) -> int:
+            return s.scalar(select(func.count()).where(column == value))
+
+        assert count(Impression.created_at, when) == 1 and count(Click.created_at, later) == 1
+        assert count(Exposure.first_seen_at, later) == 1
+        row = s.get(Impression, imp["id"])
+        assert row.items == ["i1", 7, "ü"] and row.fallback is True and row.in_analysis is True
+        assert row.created_at == when and row.latency_ms == 1.0
+        stored = s.scalars(select(Click)).one()
+        assert stored.in_analysis is False and stored.created_at == later and stored.position == 0

@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
 
     app.register_blueprint(models_admin_bp)
     install_error_handlers(app)
+    app.wsgi_app = serving.HotPath(app.wsgi_app, state, MAX_BODY_BYTES)  # type: ignore[method-assign]
 
     @app.before_request
     def _start_timer() -> None:
@@ -79,9 +80,9 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @app.after_request
     def _count(response: Response) -> Response:
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.REQUESTS.labels(rule, str(response.status_code)).inc()
+        metrics.child(metrics.REQUESTS, rule, str(response.status_code)).inc()
         if "started" in g:
-            metrics.REQUEST_LATENCY.labels(rule).observe(time.perf_counter() - g.started)
+            metrics.child(metrics.REQUEST_LATENCY, rule).observe(time.perf_counter() - g.started)
         return response
 
     return app
