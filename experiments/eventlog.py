@@ -14,9 +14,9 @@ both are safe under any number of processes on SQLite and PostgreSQL.
 The writer is the one serial step of every request, so its transaction is lean: SQLAlchemy opens
 and commits it (its events and pool still apply), but the INSERTs go straight to the driver's
 cursor as fixed SQL over rows that the request threads already turned into the driver's values
-(half the CPU of compiled Core statements for a batch of a few requests, A/B in
-benchmarks/RESULTS.md#load). The values are those SQLAlchemy's column types would bind: UTC
-datetimes (on SQLite the naive text SQLAlchemy stores), JSON text, booleans.
+(on SQLite about half the writer CPU of compiled Core statements for a batch of 1-4 requests).
+The values are those SQLAlchemy's column types would bind: UTC datetimes (on SQLite the naive
+text SQLAlchemy stores), JSON text, booleans.
 
 Failure handling: if the database is unreachable the batch fails, its requests get `LogUnavailable`
 at once, and for `retry_after_s` further batches fail without touching the database; then the next

@@ -8,8 +8,8 @@ database is unreachable the slate is still served, marked `logged: false`, witho
 Each endpoint is a transport-free function of (state, raw body) -> answer, raising `ApiError`.
 Flask's blueprint routes them (URL map, OpenAPI, every unusual request), and `HotPath`, a WSGI
 layer in front of Flask, answers the plain case itself: a POST with a Content-Length within the
-limit. Flask's request and response objects, context push and hooks cost about as much CPU as the
-handler (A/B in benchmarks/RESULTS.md#load); the answers, errors and metrics are the same.
+limit. Flask's request and response objects, context push and hooks cost more CPU than the
+handler itself; the answers, errors and metrics are the same either way.
 """
 
 from __future__ import annotations
