@@ -20,7 +20,12 @@ not timed). Then, each in a fresh subprocess that reports its wall time and peak
 Writes benchmarks/results/report.json (keys sqlite_1m_s, sqlite_10m_s, postgres_1m_s,
 postgres_10m_s = nightly runs, *_full_s, peak_rss_mb over all report runs, baseline_*,
 *_insert_rows_per_s_*) and benchmarks/results/report.html (time vs size). Databases live under
-/tmp (SQLite files, PostgreSQL databases abrec_bench_report_*) and are deleted afterwards."""
+/tmp (SQLite files, PostgreSQL databases abrec_bench_report_*) and are deleted afterwards, unless
+--keep-db: then they stay, and a later --keep-db run reuses them instead of loading the log
+again (the same size gives the same log; the stored reports are recomputed and upserted; a
+run interrupted while loading leaves a partial one: delete it).
+
+    .venv/bin/python benchmarks/report.py --sizes 10m --backends sqlite --keep-db --no-insert"""
 
 from __future__ import annotations
 
@@ -199,6 +204,13 @@ def load_sqlite(path: Path, impressions: int) -> None:
     conn.close()
 
 
+def postgres_exists(dbname: str) -> bool:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        return admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone() is not None
+
+
 def load_postgres(dbname: str, impressions: int) -> None:
     import psycopg
 
@@ -278,16 +290,19 @@ def measure_nightly(url: str) -> dict:
 
 
 def _timed_report(url: str, day: date, full: bool) -> dict:
+    from abrec.analysis.aggregate import default_workers
     from abrec.analysis.report import run_report
 
     from abrec.db import make_engine
 
     engine = make_engine(url)
+    with engine.connect() as conn:
+        workers = default_workers(conn)  # connections the first night spreads over
     t = time.perf_counter()
     report = run_report(engine, "bench", day, full=full)
     wall = time.perf_counter() - t
     users = sum(a["users"] for a in report["arms"].values())
-    return {"wall_s": wall, "users": users, "verdict": report["decision"]["verdict"]}
+    return {"wall_s": wall, "users": users, "verdict": report["decision"]["verdict"], "workers": workers}
 
 
 def _until() -> datetime:
@@ -465,6 +480,11 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/abrec-bench-report")
     parser.add_argument("--no-baseline", action="store_true", help="skip the naive baseline (1M)")
     parser.add_argument("--no-insert", action="store_true", help="skip the insert-cost runs (1M)")
+    parser.add_argument(
+        "--keep-db",
+        action="store_true",
+        help="keep the databases afterwards, and reuse those a former --keep-db run left",
+    )
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -489,13 +509,15 @@ def main() -> None:
                 del runs[key]  # this run replaces them all
             if backend == "sqlite":
                 path = work / f"report_{size}.db"
-                for p in work.glob(f"report_{size}.db*"):
-                    p.unlink()
-                load_sqlite(path, n)
+                if not (args.keep_db and path.exists()):
+                    for p in work.glob(f"report_{size}.db*"):
+                        p.unlink()
+                    load_sqlite(path, n)
                 url = f"sqlite:///{path}"
             else:
                 dbname = f"abrec_bench_report_{size}"
-                load_postgres(dbname, n)
+                if not (args.keep_db and postgres_exists(dbname)):
+                    load_postgres(dbname, n)
                 url = (
                     PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
                     + "/"
@@ -531,7 +553,9 @@ def main() -> None:
                     for label, values in rates.items():
                         results[f"{backend}_insert_rows_per_s_{label}"] = round(float(np.median(values)))
             finally:
-                if backend == "sqlite":
+                if args.keep_db:
+                    print(f"{backend} {size}: kept {url}", flush=True)
+                elif backend == "sqlite":
                     for p in work.glob(f"report_{size}.db*"):
                         p.unlink()
                 else:

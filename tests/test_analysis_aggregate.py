@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import pytest
 from abrec.analysis import aggregate
 from abrec.analysis.stats import ArmStats
+from abrec.experiments.schema import Impression
 from analysis_eventlog import (
     ARMS,
     PHASE_STARTS,
@@ -18,6 +20,9 @@ from analysis_eventlog import (
     truth_novelty,
     truth_users,
 )
+from sqlalchemy import insert
+
+from abrec.db import make_engine
 
 LAST_DAY = date(2026, 3, 31)
 
@@ -147,6 +152,95 @@ def test_nightly_increments_equal_the_full_recomputation(log, plan, monkeypatch)
     for k, arms in full.novelty.items():
         for arm, stats in arms.items():
             assert_stats_equal(novelty[k][arm], stats)
+
+
+def _spy_on_parts(monkeypatch) -> list[tuple[str, object]]:
+    """Record which thread aggregates each part (users' range or impressions' rowids)."""
+    parts: list[tuple[str, object]] = []
+    user_cells, histograms = aggregate._user_cells, aggregate._histograms
+
+    def spied_user_cells(conn, scope, bounds, users=None):
+        parts.append((threading.current_thread().name, users))
+        return user_cells(conn, scope, bounds, users)
+
+    def spied_histograms(conn, scope, bounds, n_days, arms, first=0, rows=None):
+        parts.append((threading.current_thread().name, rows))
+        return histograms(conn, scope, bounds, n_days, arms, first, rows)
+
+    monkeypatch.setattr(aggregate, "_user_cells", spied_user_cells)
+    monkeypatch.setattr(aggregate, "_histograms", spied_histograms)
+    return parts
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_parts_on_several_connections_add_up_to_the_serial_run(sqlite_url, workers, monkeypatch):
+    """SQLite's first night splits the users (and impressions) into ranges aggregated at once on
+    their own connections: the figures must equal those of one connection exactly."""
+    log = build_log(sqlite_url)
+    try:
+        with log.engine.begin() as conn:
+            serial = aggregate.aggregate_phase(conn, log.experiment_id, log.phase_id, LAST_DAY, workers=1)
+        parts = _spy_on_parts(monkeypatch)
+        with log.engine.begin() as conn:
+            parallel = aggregate.aggregate_phase(conn, log.experiment_id, log.phase_id, LAST_DAY, workers)
+    finally:
+        log.engine.dispose()
+    assert parallel == serial  # exact: sums of integers, whatever the order
+    # In the order of their ranges (the threads may start them in any order).
+    user_ranges = [r for _, r in parts if r is None or isinstance(r[0], str | None)]
+    user_ranges.sort(key=lambda r: (r is not None and r[0] is not None, r and r[0] or ""))
+    assert len(user_ranges) == workers and all(r is not None for r in user_ranges)
+    assert user_ranges[0][0] is None and user_ranges[-1][1] is None  # nobody left out at either end
+    assert all(a[1] == b[0] for a, b in zip(user_ranges, user_ranges[1:], strict=False))
+    assert len(parts) == 2 * workers
+    assert all(name.startswith("aggregate") for name, _ in parts)
+    for day in serial.days:
+        for arm in ARMS:
+            assert_stats_equal(parallel.snapshots[day][arm], truth_arm_stats(log, day)[arm])
+
+
+def test_uncommitted_writes_keep_the_first_night_on_one_connection(sqlite_url, monkeypatch):
+    """Other connections would not see the transaction's own writes: then no parts."""
+    log = build_log(sqlite_url)
+    parts = _spy_on_parts(monkeypatch)
+    try:
+        with log.engine.begin() as conn:
+            user, (arm, first_seen) = next(iter(log.exposures.items()))
+            conn.execute(
+                insert(Impression).values(
+                    id="uncommitted",
+                    experiment_id=log.experiment_id,
+                    phase_id=log.phase_id,
+                    user_id=user,
+                    session_id="s",
+                    arm_name=arm,
+                    model_version="m",
+                    items=["a"],
+                    fallback=False,
+                    latency_ms=1.0,
+                    in_analysis=True,
+                    created_at=first_seen + timedelta(seconds=1),
+                )
+            )
+            agg = aggregate.aggregate_phase(conn, log.experiment_id, log.phase_id, LAST_DAY, workers=2)
+            conn.rollback()
+    finally:
+        log.engine.dispose()
+    assert [r for _, r in parts] == [None, None]  # one part each, on the caller's connection
+    before = truth_arm_stats(log, LAST_DAY)[arm]
+    assert agg.snapshots[LAST_DAY][arm].sum_y == before.sum_y + 1  # the uncommitted impression counts
+
+
+def test_default_workers(sqlite_url, monkeypatch):
+    engine = make_engine(sqlite_url)
+    monkeypatch.setattr(aggregate.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    with engine.connect() as conn:
+        assert aggregate.default_workers(conn) == min(3, aggregate.MAX_WORKERS)
+    engine.dispose()
+    memory = make_engine("sqlite://")
+    with memory.connect() as conn:
+        assert aggregate.default_workers(conn) == 1  # another connection would be another database
+    memory.dispose()
 
 
 def test_last_day_before_the_phase_is_refused(log):
