@@ -61,9 +61,6 @@ MAX_K = 1000
 MAX_BODY = 256 * 1024
 MAX_TIMEOUT_MS = 600_000
 PRECISIONS = ("fp32", "bf16", "int8")
-# bf16 scores pick k + SHORTLIST_MARGIN candidates for fp32 re-scoring: bf16 rounding (~0.4 %) can
-# reorder near-ties, but not push one of the fp32 top k that far down.
-SHORTLIST_MARGIN = 12
 
 # Aliases of arms that serve traffic now (see the module docstring); plain SQL on purpose.
 DISCOVER_SQL = text(
@@ -212,27 +209,48 @@ class Batcher:
 
 
 class Bf16Product:
-    """h [B, d] -> h @ W.T [B, N] in bf16, for a fixed W [N, d].
+    """h [B, d] -> h @ W.T [B, N] in bf16, for a fixed W [N, d], with a proven error bound.
 
     On a CPU, W is packed once into oneDNN's blocked layout, as inductor's CPU weight prepacking
     does (the same private ops); a plain bf16 matmul repacks W at every call, which costs more
     than the product itself. Where they are missing (GPU, other builds): the plain matmul.
+    `__call__` also returns `slack` [B]: |scores - h . w| <= slack for every item. With
+    h . w - h^ . w^ = h . (w - w^) + (h - h^) . w^ (Cauchy-Schwarz on each), plus fp32 accumulation
+    (gamma_d times |h^||w^|, and as much again for the fp32 re-score it is compared with) and the
+    rounding of the output to bf16 (half an ulp: 2^-9 of the largest |score|; 2^-8 is used).
     """
 
     def __init__(self, weight: torch.Tensor, batch_hint: int = 16) -> None:
         w = weight.detach().to(torch.bfloat16).contiguous()
         self.weight_t, self.packed = w.T, None
+        exact = weight.detach().float()
+        self.w_norm = float(exact.norm(dim=1).max())
+        self.wq_norm = float(w.float().norm(dim=1).max())
+        self.err_norm = float((exact - w.float()).norm(dim=1).max())
+        d = w.shape[1]
+        self.gamma = (d + 4) * 2.0**-24 / (1 - (d + 4) * 2.0**-24)
+        if w.device.type == "cuda":
+            # Split-K partial sums in bf16 would break the bound: fp32 accumulation only. This
+            # process owns the GPU, so the setting is its own.
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         if w.device.type == "cpu":
             try:
                 self.weight_t, self.packed = None, torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
             except (AttributeError, RuntimeError) as exc:
                 log.warning("no prepacked bf16 product (%s); plain bf16 matmul", exc)
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (scores [B, N] fp32, slack [B])."""
         x = hidden.to(torch.bfloat16)
         if self.packed is None:
-            return x @ self.weight_t
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [None], "")
+            scores = (x @ self.weight_t).float()
+        else:
+            scores = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [None], "").float()
+        h_norm, xf = hidden.norm(dim=1), x.float()
+        slack = (h_norm * self.err_norm + (hidden - xf).norm(dim=1) * self.wq_norm
+                 + self.gamma * (xf.norm(dim=1) * self.wq_norm + h_norm * self.w_norm)
+                 + 2.0**-8 * scores.abs().amax(1))
+        return scores, slack * 1.001
 
 
 class Int8Product:
@@ -355,6 +373,8 @@ class LoadedVersion:
             if precision == "int8":
                 scores, slack = self.product(hidden)
                 scores[:, self.n_items + 1:] = float("-inf")  # the product's padding
+            elif precision == "bf16":
+                scores, slack = self.product(hidden)
             else:
                 scores = (self.single if self.precision == "int8" else self.product)(hidden).float()
             scores[:, 0] = float("-inf")
@@ -364,13 +384,11 @@ class LoadedVersion:
                                    max(len(r.session) for r in batch), scores.device)
                 scores.scatter_(1, seen, float("-inf"))
             k = min(max(r.k for r in batch), self.n_items)
-            if precision == "bf16":
-                shortlist = top_k(scores, min(self.n_items + 1, k + SHORTLIST_MARGIN))[1]
-                values, ids = self._rescore(hidden, scores, shortlist, k)
-            elif precision == "int8":
-                # Every item whose int8 score is within twice the bound of the k-th best: an item of
-                # the exact top k scores at least the k-th best exact score, itself at least the k-th
-                # best int8 score less the bound, and its int8 score is at most the bound above that.
+            if precision in ("bf16", "int8"):
+                # Every item whose rough score is within twice the bound of the k-th best: an item
+                # of the exact top k scores at least the k-th best exact score, itself at least the
+                # k-th best rough score less the bound, and its rough score is at most the bound
+                # above that.
                 values, ids = self._rescore(hidden, scores, top_within(scores, k, 2 * slack), k)
             else:
                 values, ids = top_k(scores, k)

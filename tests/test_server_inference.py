@@ -11,7 +11,7 @@ import pytest
 import torch
 from abrec.models.checkpoint import load_checkpoint
 from abrec.models.inference import pad_left, top_k, top_within, topk_batch
-from abrec.models.server import Int8Product, LoadedVersion, int8_available
+from abrec.models.server import Bf16Product, Int8Product, LoadedVersion, int8_available
 
 
 @pytest.mark.parametrize(("layers", "heads"), [(1, 1), (2, 1), (3, 4)])
@@ -78,6 +78,23 @@ def test_int8_scores_lie_within_their_bound() -> None:
     assert (error <= slack).all(), (error, slack)
     assert (slack < exact.std(1) * 0.6).all()  # and near enough to shortlist a few of many items
     assert scores.shape[1] % 64 == 0 and (scores[:, len(weight):] == 0).all()
+
+
+def test_bf16_scores_lie_within_their_bound() -> None:
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(3_001, 48, generator=gen) * torch.rand(3_001, 1, generator=gen) * 3  # uneven norms
+    hidden = torch.randn(9, 48, generator=gen) * torch.tensor([1e-3, 1, 10, 1, 1, 1, 1, 1, 1])[:, None]
+    hidden[1, 5] = 40.0  # one large coordinate
+    outliers = weight.clone()
+    outliers[:5] *= 40  # a few large items: the bound must still hold (it grows with them)
+    for w in (weight, outliers):
+        scores, slack = Bf16Product(w)(hidden)
+        exact = (hidden.double() @ w.double().T).float()
+        error = (scores - exact).abs().amax(1)
+        assert (error <= slack).all(), (error, slack)
+        assert (error > 0).any()  # bf16 really is rough, so the bound is exercised
+        if w is weight:  # near enough to shortlist a few of many items
+            assert (slack < exact.std(1) * 0.6).all()
 
 
 def _answers(lv: LoadedVersion, sessions: list[list[str]], k: int, exclude: bool) -> list:
