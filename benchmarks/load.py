@@ -423,6 +423,11 @@ def run_config(
             "0",
             "--threads",
             str(args.model_threads),
+            *(
+                ["--concurrent-batches", str(args.model_concurrent_batches)]
+                if args.model_concurrent_batches
+                else []
+            ),
         ],
         work / f"{name}-model.log",
     )
@@ -549,6 +554,14 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=32, help="keep-alive connections of the load generator")
     p.add_argument("--server", choices=("auto", "waitress", "gunicorn"), default="auto", help="WSGI server")
     p.add_argument("--model-threads", type=int, default=1, help="torch threads of the model server")
+    # The model server's default on a CPU is as many concurrent batches as the cores hold; here the
+    # API and the generator share those cores, so one (fewer, larger batches) may serve better.
+    p.add_argument(
+        "--model-concurrent-batches",
+        type=int,
+        default=None,
+        help="model server --concurrent-batches (default: the server's own default)",
+    )
     p.add_argument("--tron", default=None)
     p.add_argument("--sasrec", default=None)
     p.add_argument("--only", choices=("sqlite", "postgres"), default=None)
@@ -592,6 +605,7 @@ def main() -> int:
         "warmup_s": args.warmup,
         "click_prob": args.click_prob,
         "model_deadline_ms": get_settings().model_deadline_s * 1000,  # ABREC_MODEL_DEADLINE_MS
+        "model_concurrent_batches": args.model_concurrent_batches or "server default",
     }
     configs = [c for c in ("sqlite", "postgres") if args.only in (None, c)]
     for name in tqdm(configs, desc="load"):

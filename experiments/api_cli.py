@@ -111,6 +111,10 @@ def _serve_waitress(args: argparse.Namespace, settings) -> int:
     from abrec.experiments.api import create_app, shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # waitress warns "Task queue depth is N" from its I/O thread for every request that finds all
+    # request threads busy: under load that is a log line per request, on the thread that reads all
+    # sockets, just when it is busiest. Latency is in /metrics (abrec_api_request_seconds).
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     client = None
     if args.in_process_models:
         client = _in_process_client(args, settings)
