@@ -51,12 +51,23 @@ for precision in ("fp32", "bf16"):
         futures.append(f)
     for i in range(0, len(batch), 32):
         lv.run(batch[i:i + 32])
-    answers[precision] = [f.result().items for f in futures]
-pairs = zip(answers["fp32"], answers["bf16"], strict=True)
-out["bf16_vs_fp32_identical_top20_answers"] = sum(a == b for a, b in pairs)
+    answers[precision] = [f.result() for f in futures]
+pairs = list(zip(answers["fp32"], answers["bf16"], strict=True))
+out["bf16_vs_fp32_identical_top20_answers"] = sum(a.items == b.items for a, b in pairs)
+
+
+def tie_swaps_only(a, b) -> bool:
+    """Same items, and where the order differs the fp32 scores tie to 1e-5 (two products that sum in
+    another order may round a near-tie either way)."""
+    if sorted(a.items) != sorted(b.items):
+        return False
+    return all(abs(a.scores[r] - b.scores[r]) < 1e-5 for r in range(len(a.items)) if a.items[r] != b.items[r])
+
+
+out["bf16_vs_fp32_same_up_to_ties"] = sum(tie_swaps_only(a, b) for a, b in pairs)
 out["sessions"] = len(sessions)
 print(json.dumps(out, indent=1))
 ok = (out["batched_vs_single_allclose_1e-4"]
       and out["batched_vs_single_top20_identical_sessions"] == len(sessions)
-      and out["bf16_vs_fp32_identical_top20_answers"] == len(sessions))
+      and out["bf16_vs_fp32_same_up_to_ties"] == len(sessions))
 sys.exit(0 if ok else 1)
