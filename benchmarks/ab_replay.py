@@ -29,6 +29,8 @@ shared) and records it with the fallback count, which must be 0.
     # or train separately (abrec train --preset ARM --out runs/ab-replay/ARM ...), then
     nice -n 10 .venv/bin/python benchmarks/ab_replay.py                               # full run
     nice -n 10 .venv/bin/python benchmarks/ab_replay.py --limit 500 --out /tmp/abr    # a quick try
+    # the recorded run: arms trained on a lent GPU (benchmarks/gpu/README.md), then
+    nice -n 10 .venv/bin/python benchmarks/ab_replay.py --checkpoints runs/ab-replay-gpu
 
 Writes benchmarks/results/ab-replay.json and ab-replay.html.
 """
