@@ -52,13 +52,12 @@ def score_batch(model: nn.Module, sessions: list[list[int]]) -> Tensor:
 TOPK_CHUNK = 64
 
 
-def top_k(scores: Tensor, k: int, maxima: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """torch.topk(scores, k, dim=1) for a few of many columns, ~2-3x cheaper on a CPU.
 
     The k best columns of a row lie in the k chunks of TOPK_CHUNK columns with the highest maxima
     (a chunk left out has k chunks with a higher maximum, so k higher scores), so only those chunks
-    are searched. Values equal torch.topk's; tied columns may come in another order. `maxima`: the
-    chunks' maxima when the caller has them already.
+    are searched. Values equal torch.topk's; tied columns may come in another order.
     """
     b, n = scores.shape
     c = TOPK_CHUNK
@@ -66,7 +65,7 @@ def top_k(scores: Tensor, k: int, maxima: Tensor | None = None) -> tuple[Tensor,
         return torch.topk(scores, k, dim=1)
     whole = n - n % c
     chunks = scores[:, :whole].view(b, -1, c)
-    best = (chunks.amax(2) if maxima is None else maxima).topk(k, dim=1).indices  # [b, k]
+    best = chunks.amax(2).topk(k, dim=1).indices  # [b, k]
     candidates = chunks.gather(1, best[:, :, None].expand(b, k, c)).reshape(b, k * c)
     values, pos = torch.cat([candidates, scores[:, whole:]], 1).topk(k, dim=1)  # the tail is always in
     columns = torch.where(pos < k * c, best.gather(1, (pos // c).clamp(max=k - 1)) * c + pos % c,

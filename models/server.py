@@ -296,6 +296,22 @@ class Int8Product:
         return scores, slack + 1e-5 * xq.abs().sum(1) * self.abs_max
 
 
+class Fp32Product:
+    """h [B, d] -> (h @ W.T [B, N], None): exact, so no slack and no shortlist.
+
+    On a CPU over a contiguous transposed [d, N] copy: MKL runs `h @ W.T` over the transposed view
+    ~3x slower for one session (1.4 vs 4.7 ms CPU). GPUs need no copy.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        on_cpu = weight.device.type == "cpu"
+        self.scoring = weight.T.contiguous() if on_cpu else weight.T
+        self.nbytes = weight.numel() * 4 if on_cpu else 0
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return hidden @ self.scoring, None
+
+
 def int8_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
         torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
@@ -322,31 +338,30 @@ class LoadedVersion:
         self.precision = precision
         self.weight = model.output_weight().detach()  # [N+1, d], fp32: exact scores
         tensors = [*model.parameters(), *model.buffers()]
+        # A product gives (scores [B, N], slack [B]): rough scores within slack of the exact ones
+        # only shortlist, and the fp32 rows re-score the shortlist; slack None means exact.
+        self.product: Bf16Product | Int8Product | Fp32Product
+        self.single: Bf16Product | Int8Product | Fp32Product  # for batches of one session
         if precision == "bf16":
             # bf16 scores every item (oneDNN on AMX with a prepacked matrix: ~0.9 ms CPU for one
-            # session and ~1.2 ms for 16 where fp32 takes 1.4 and 6 ms, 43,097 items, d=200); the
-            # fp32 rows then re-score a shortlist, so answers and scores are fp32's.
+            # session and ~1.2 ms for 16 where fp32 takes 1.4 and 6 ms, 43,097 items, d=200).
             self.product = Bf16Product(self.weight)
             extra = self.weight.numel() * 2
         elif precision == "int8":
-            # int8 scores every item with a proven error bound; the fp32 rows then re-score every
-            # item that bound can't rule out, so answers and scores are fp32's.
             self.product = Int8Product(self.weight)
-            extra = self.product.nbytes
+            # One session alone: MKL's fp32 matrix-vector product is ~10 % cheaper than int8 with
+            # its shortlist (fbgemm gains from two sessions on), and exact.
+            self.single = Fp32Product(self.weight)
+            extra = self.product.nbytes + self.single.nbytes
             # The padding columns' ids and rows (never returned: their scores are -inf).
             pad = self.product.columns - len(self.external)
             self.external = np.concatenate([self.external, np.full(pad, "", dtype=object)])
-            # One session alone: MKL's fp32 matrix-vector product is ~10 % cheaper than int8 with
-            # its shortlist (fbgemm gains from two sessions on), and exact.
-            self.single = self.weight.T.contiguous().__rmatmul__
-            extra += self.weight.numel() * 4
             self.weight = torch.cat([self.weight, self.weight.new_zeros(pad, self.weight.shape[1])])
         else:
-            # A contiguous transposed [d, N+1] copy on a CPU: MKL runs `h @ W.T` over the
-            # transposed view ~3x slower for one session (1.4 vs 4.7 ms CPU). GPUs need no copy.
-            scoring = self.weight.T.contiguous() if self.device.type == "cpu" else self.weight.T
-            self.product = scoring.__rmatmul__
-            extra = self.weight.numel() * 4 if self.device.type == "cpu" else 0
+            self.product = Fp32Product(self.weight)
+            extra = self.product.nbytes
+        if precision != "int8":
+            self.single = self.product
         self.memory_bytes = sum(t.numel() * t.element_size() for t in tensors) + extra
         self.loaded_at = time.time()
         self.load_seconds = 0.0
@@ -369,14 +384,8 @@ class LoadedVersion:
         """One forward pass for the whole batch, then per-request exclusion and top-k."""
         with torch.inference_mode():
             hidden = hidden_last(self.model, [r.session for r in batch])
-            precision = "fp32" if self.precision == "int8" and len(batch) == 1 else self.precision
-            if precision == "int8":
-                scores, slack = self.product(hidden)
-                scores[:, self.n_items + 1:] = float("-inf")  # the product's padding
-            elif precision == "bf16":
-                scores, slack = self.product(hidden)
-            else:
-                scores = (self.single if self.precision == "int8" else self.product)(hidden).float()
+            scores, slack = (self.single if len(batch) == 1 else self.product)(hidden)
+            scores[:, self.n_items + 1:] = float("-inf")  # the int8 product's padding columns, if any
             scores[:, 0] = float("-inf")
             if any(r.exclude_seen for r in batch):
                 # Rows that exclude nothing scatter onto column 0, which is -inf already.
@@ -384,7 +393,7 @@ class LoadedVersion:
                                    max(len(r.session) for r in batch), scores.device)
                 scores.scatter_(1, seen, float("-inf"))
             k = min(max(r.k for r in batch), self.n_items)
-            if precision in ("bf16", "int8"):
+            if slack is not None:
                 # Every item whose rough score is within twice the bound of the k-th best: an item
                 # of the exact top k scores at least the k-th best exact score, itself at least the
                 # k-th best rough score less the bound, and its rough score is at most the bound
