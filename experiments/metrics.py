@@ -65,6 +65,13 @@ def child(metric: Any, *labels: str) -> Any:
     return found
 
 
+def observe_request(rule: str, status: int, seconds: float | None) -> None:
+    """One answered API request: counted by route and status, timed by route (when it was)."""
+    child(REQUESTS, rule, str(status)).inc()
+    if seconds is not None:
+        child(REQUEST_LATENCY, rule).observe(seconds)
+
+
 def exposition() -> tuple[bytes, str]:
     """The body and content type of /metrics."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -80,9 +80,8 @@ def create_app(settings: Settings | None = None, *, engine: Engine | None = None
     @app.after_request
     def _count(response: Response) -> Response:
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.child(metrics.REQUESTS, rule, str(response.status_code)).inc()
-        if "started" in g:
-            metrics.child(metrics.REQUEST_LATENCY, rule).observe(time.perf_counter() - g.started)
+        seconds = time.perf_counter() - g.started if "started" in g else None
+        metrics.observe_request(rule, response.status_code, seconds)
         return response
 
     return app

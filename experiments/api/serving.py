@@ -233,6 +233,5 @@ class HotPath:
             _STATUS_LINES.get(status, f"{status} UNKNOWN"),
             [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
         )
-        metrics.child(metrics.REQUESTS, path, str(status)).inc()
-        metrics.child(metrics.REQUEST_LATENCY, path).observe(time.perf_counter() - t0)
+        metrics.observe_request(path, status, time.perf_counter() - t0)
         return [body]
