@@ -420,7 +420,7 @@ def run_config(
             "--max-batch",
             "64",
             "--max-delay-ms",
-            "0",
+            str(args.model_max_delay_ms),
             "--threads",
             str(args.model_threads),
             *(
@@ -552,7 +552,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=32, help="request threads of the single SQLite process")
     p.add_argument("--pg-threads", type=int, default=16, help="request threads per PostgreSQL API process")
     p.add_argument("--connections", type=int, default=32, help="keep-alive connections of the load generator")
-    p.add_argument("--server", choices=("auto", "waitress", "gunicorn"), default="auto", help="WSGI server")
+    p.add_argument(
+        "--server", choices=("auto", "granian", "waitress", "gunicorn"), default="auto", help="WSGI server"
+    )
     p.add_argument("--model-threads", type=int, default=1, help="torch threads of the model server")
     # The model server's default on a CPU is as many concurrent batches as the cores hold; here the
     # API and the generator share those cores, so one (fewer, larger batches) may serve better.
@@ -562,6 +564,7 @@ def main() -> int:
         default=None,
         help="model server --concurrent-batches (default: the server's own default)",
     )
+    p.add_argument("--model-max-delay-ms", type=float, default=0.0, help="model server --max-delay-ms")
     p.add_argument("--tron", default=None)
     p.add_argument("--sasrec", default=None)
     p.add_argument("--only", choices=("sqlite", "postgres"), default=None)

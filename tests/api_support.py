@@ -108,6 +108,7 @@ class ServeProcess:
         *,
         workers: int = 1,
         threads: int = 8,
+        server: str = "auto",
         env: dict[str, str] | None = None,
         log: Path | None = None,
     ) -> None:
@@ -126,6 +127,8 @@ class ServeProcess:
             str(threads),
             "--model-server",
             model_server,
+            "--server",
+            server,
         ]
         full_env = {**os.environ, "ABREC_SECRET_KEY": "test-secret", **(env or {})}
         full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)

@@ -1,5 +1,6 @@
 """`abrec serve` as a real process on loopback, in front of the real model server: concurrent round trips,
-gunicorn workers on PostgreSQL, the SQLite one-process rule, a database outage survived without restart."""
+several workers (granian, gunicorn) on PostgreSQL, the SQLite one-process rule, a database outage
+survived without restart."""
 
 from __future__ import annotations
 
@@ -107,10 +108,12 @@ def test_serve_refuses_waitress_with_several_processes(tmp_path) -> None:
 
 
 @pytest.mark.postgres
-def test_gunicorn_workers_on_postgresql_share_metrics_and_clock(pg_url, tmp_path, make_checkpoint) -> None:
+@pytest.mark.parametrize("wsgi", ["granian", "gunicorn"])
+def test_workers_on_postgresql_share_metrics_and_clock(wsgi, pg_url, tmp_path, make_checkpoint) -> None:
     world = seed(pg_url, tmp_path / "store", make_checkpoint)
     ms = ModelServerThread(world.url, world.store)
-    server = ServeProcess(pg_url, ms.url, workers=3, threads=4, log=tmp_path / "serve.log").wait_ready()
+    server = ServeProcess(pg_url, ms.url, workers=3, threads=4, server=wsgi, log=tmp_path / "serve.log")
+    server.wait_ready()
     try:
         with ThreadPoolExecutor(6) as pool:
             chunks = list(
