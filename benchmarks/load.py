@@ -556,15 +556,20 @@ def main() -> int:
         "--server", choices=("auto", "granian", "waitress", "gunicorn"), default="auto", help="WSGI server"
     )
     p.add_argument("--model-threads", type=int, default=1, help="torch threads of the model server")
-    # The model server's default on a CPU is as many concurrent batches as the cores hold; here the
-    # API and the generator share those cores, so one (fewer, larger batches) may serve better.
+    # The model server's default on a CPU is as many concurrent batches as the cores hold, for a
+    # machine of its own. Here the API and the generator share the 2 cores: one batch at a time,
+    # held open 5 ms for company, makes batches of ~2-3 per arm instead of ~1, and a recommendation
+    # costs the model server ~2.7 ms CPU instead of ~3.2-4.8 (see --compare).
     p.add_argument(
-        "--model-concurrent-batches",
-        type=int,
-        default=None,
-        help="model server --concurrent-batches (default: the server's own default)",
+        "--model-concurrent-batches", type=int, default=1, help="model server --concurrent-batches"
     )
-    p.add_argument("--model-max-delay-ms", type=float, default=0.0, help="model server --max-delay-ms")
+    p.add_argument("--model-max-delay-ms", type=float, default=5.0, help="model server --max-delay-ms")
+    p.add_argument(
+        "--no-compare",
+        dest="compare",
+        action="store_false",
+        help="skip the SQLite run in the previous configuration (waitress, model server defaults)",
+    )
     p.add_argument("--tron", default=None)
     p.add_argument("--sasrec", default=None)
     p.add_argument("--only", choices=("sqlite", "postgres"), default=None)
@@ -609,6 +614,8 @@ def main() -> int:
         "click_prob": args.click_prob,
         "model_deadline_ms": get_settings().model_deadline_s * 1000,  # ABREC_MODEL_DEADLINE_MS
         "model_concurrent_batches": args.model_concurrent_batches or "server default",
+        "model_max_delay_ms": args.model_max_delay_ms,
+        "api_server": args.server if args.server != "auto" else "granian",
     }
     configs = [c for c in ("sqlite", "postgres") if args.only in (None, c)]
     for name in tqdm(configs, desc="load"):
@@ -617,6 +624,21 @@ def main() -> int:
             results["sqlite"] = run_config(
                 "sqlite", url, work / "store-sqlite", paths, work, args, args.rate, 1, args.threads
             )
+            if args.compare:
+                # Same rate, same machine, minutes apart: what this session's changes bought.
+                before = argparse.Namespace(**{
+                    **vars(args), "server": "waitress", "model_concurrent_batches": None,
+                    "model_max_delay_ms": 0.0, "baseline": False,
+                })
+                old = run_config("sqlite-previous", f"sqlite:///{work / 'load-previous.db'}",
+                                 work / "store-previous", paths, work, before, args.rate, 1, args.threads)
+                results["sqlite"]["previous_config"] = {
+                    "api_server": "waitress", "model_concurrent_batches": "server default",
+                    "model_max_delay_ms": 0.0,
+                    **{k: old[k] for k in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_rec", "errors",
+                                           "fallback_rate", "lost_events", "model_server_cpu_ms_per_rec",
+                                           "generator_cpu_ms_per_rec")},
+                }
         else:
             import psycopg
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import http.client
 import socket
-import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
@@ -62,11 +62,15 @@ def _parse_answer(data: Any) -> Recommendation:
 
 
 class HttpModelClient:
-    """Thread-safe client: each calling thread keeps its own keep-alive connection to the model server.
+    """Thread-safe client over a pool of keep-alive connections to the model server.
 
-    One connection per request thread means the "pool" is always exactly as large as the server's
-    thread count, with no lock or pool bookkeeping on the hot path (the stdlib's http.client costs
-    a fraction of a pooled client's CPU per call, which matters next to a ~1 ms model call).
+    The pool is a LIFO stack of idle connections shared by every calling thread: a call takes the
+    most recently used one (or opens one when none is idle) and puts it back after the answer, so
+    the pool grows to the most calls ever in flight at once and no further. (A connection per
+    thread, as before, reconnected whenever the WSGI server retired and started request threads,
+    which granian does under varying load.) `deque.append` and `pop` are atomic: no lock on the
+    hot path. The stdlib's http.client costs a fraction of a full HTTP client's CPU per call,
+    which matters next to a ~1 ms model call.
 
     The deadline bounds connecting, sending and each read of the answer (the model server sends its
     small answer in one write); there is no retry after the deadline, since a retry could only land
@@ -84,59 +88,55 @@ class HttpModelClient:
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"model server URL must be http://host:port, got {base_url!r}")
         self._host, self._port = parts.hostname, parts.port or 80
-        self._local = threading.local()
-        self._all: set[http.client.HTTPConnection] = set()  # every thread's, for close()
-        self._lock = threading.Lock()
+        self._idle: deque[tuple[http.client.HTTPConnection, float]] = deque()  # (connection, last used)
+        self._closed = False
 
-    def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
-        """This thread's connection (reused?), opened if needed, with `timeout` on its socket."""
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+    def _connection(self, timeout: float, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle connection unless `fresh` (reused?), or a new one, with `timeout` on its socket."""
         now = time.monotonic()
-        if conn is not None and now - self._local.used_at > self.IDLE_REOPEN_S:
-            self._drop(conn)
-            conn = None
-        reused = conn is not None and conn.sock is not None
-        if conn is None:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-            self._local.conn = conn
-            with self._lock:
-                self._all.add(conn)
-        if conn.sock is None:
-            conn.timeout = timeout
-            conn.connect()
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            conn.sock.settimeout(timeout)
-        self._local.used_at = now
-        return conn, reused
+        while not fresh:
+            try:
+                conn, used_at = self._idle.pop()
+            except IndexError:
+                break
+            if now - used_at <= self.IDLE_REOPEN_S and conn.sock is not None:
+                conn.sock.settimeout(timeout)
+                return conn, True
+            conn.close()  # idle too long: the server may be about to close it
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn, False
 
-    def _drop(self, conn: http.client.HTTPConnection) -> None:
-        conn.close()
-        self._local.conn = None
-        with self._lock:
-            self._all.discard(conn)
+    def _release(self, conn: http.client.HTTPConnection) -> None:
+        if self._closed:
+            conn.close()
+        else:
+            self._idle.append((conn, time.monotonic()))
 
     def _post(self, body: bytes, deadline_s: float) -> tuple[int, bytes]:
         end = time.monotonic() + deadline_s
         for attempt in (1, 2):
             conn = None
             try:
-                conn, reused = self._connection(max(end - time.monotonic(), 1e-3))
+                conn, reused = self._connection(max(end - time.monotonic(), 1e-3), fresh=attempt == 2)
                 conn.request("POST", "/v1/recommend", body=body, headers=_JSON)
                 conn.sock.settimeout(max(end - time.monotonic(), 1e-3))
                 resp = conn.getresponse()
                 data = resp.read()
                 if resp.will_close:
-                    self._drop(conn)
+                    conn.close()
+                else:
+                    self._release(conn)
                 return resp.status, data
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 if conn is not None:
-                    self._drop(conn)
+                    conn.close()
                 if attempt == 2 or not reused or time.monotonic() >= end:
                     raise _unavailable(self.base_url, exc) from exc
             except (OSError, http.client.HTTPException) as exc:
                 if conn is not None:
-                    self._drop(conn)
+                    conn.close()
                 raise _unavailable(self.base_url, exc) from exc
         raise AssertionError("unreachable")
 
@@ -167,10 +167,10 @@ class HttpModelClient:
             conn.close()
 
     def close(self) -> None:
-        with self._lock:
-            conns, self._all = list(self._all), set()
-        for conn in conns:
-            conn.close()
+        """Close the idle connections; those in use close when their call ends."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop()[0].close()
 
 
 def _unavailable(url: str, exc: Exception) -> ModelUnavailable:

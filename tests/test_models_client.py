@@ -1,11 +1,12 @@
-"""HttpModelClient against a scripted HTTP server: keep-alive reuse, a connection the server closed,
-and a late answer that must never be read as the next request's."""
+"""HttpModelClient against a scripted HTTP server: keep-alive reuse, the pool shared by threads, a
+connection the server closed, and a late answer that must never be read as the next request's."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -46,25 +47,32 @@ def server():
     srv.server_close()
 
 
-def test_one_kept_alive_connection_per_thread(server) -> None:
-    client = HttpModelClient(f"http://127.0.0.1:{server.server_port}")
-    for i in range(5):
-        rec = client.recommend("tron@champion", [f"a{i}", "b"], 2, deadline_s=2)
-        assert rec.items == ["b", f"a{i}"] and rec.version == "tron@champion"
-    assert len(server.connections) == 1
-    other = threading.Thread(target=client.recommend, args=("m@a", ["x"], 1))
-    other.start()
-    other.join()
-    assert len(server.connections) == 2
-    client.close()
-
-
 def test_connection_closed_by_the_server_is_reopened(server) -> None:
     server.close_after_answer = True
     client = HttpModelClient(f"http://127.0.0.1:{server.server_port}")
     for i in range(3):  # each reuse finds the socket closed: sent again once on a fresh one
         assert client.recommend("m@a", [str(i)], 1, deadline_s=2).items == [str(i)]
     assert len(server.connections) == 3
+
+
+def test_threads_share_the_pooled_connections(server) -> None:
+    client = HttpModelClient(f"http://127.0.0.1:{server.server_port}")
+    for i in range(5):
+        rec = client.recommend("tron@champion", [f"a{i}", "b"], 2, deadline_s=2)
+        assert rec.items == ["b", f"a{i}"] and rec.version == "tron@champion"
+    assert len(server.connections) == 1
+    for i in range(10):  # short-lived request threads, one after another, as a WSGI server runs them
+        t = threading.Thread(target=client.recommend, args=("m@a", [str(i)], 1), kwargs={"deadline_s": 2})
+        t.start()
+        t.join()
+    assert len(server.connections) == 1
+    server.delays = [0.2] * 4
+    with ThreadPoolExecutor(4) as pool:  # calls in flight at once each need their own connection
+        barrier = threading.Barrier(4)
+        call = lambda i: (barrier.wait(), client.recommend("m@a", [str(i)], 1, deadline_s=2))  # noqa: E731
+        list(pool.map(call, range(4)))
+    assert len(server.connections) == 4  # the idle one and three new
+    client.close()
 
 
 def test_a_late_answer_is_never_read_as_the_next_one(server) -> None:
