@@ -558,12 +558,12 @@ def main() -> int:
     p.add_argument("--model-threads", type=int, default=1, help="torch threads of the model server")
     # The model server's default on a CPU is as many concurrent batches as the cores hold, for a
     # machine of its own. Here the API and the generator share the 2 cores: one batch at a time,
-    # held open 5 ms for company, makes batches of ~2-3 per arm instead of ~1, and a recommendation
-    # costs the model server ~2.7 ms CPU instead of ~3.2-4.8 (see --compare).
+    # held open 10 ms for company, makes batches of ~2-3 per arm instead of ~1, and a recommendation
+    # costs the model server ~2.1-2.4 ms CPU instead of 2.8 (5 ms) or 3.2-4.8 (defaults, --compare).
     p.add_argument(
         "--model-concurrent-batches", type=int, default=1, help="model server --concurrent-batches"
     )
-    p.add_argument("--model-max-delay-ms", type=float, default=5.0, help="model server --max-delay-ms")
+    p.add_argument("--model-max-delay-ms", type=float, default=10.0, help="model server --max-delay-ms")
     p.add_argument(
         "--no-compare",
         dest="compare",
