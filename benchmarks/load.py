@@ -8,11 +8,12 @@ do; latency counts from the scheduled arrival, so queueing shows). Each recommen
 followed, on the same connection, by a click on one of its items with probability --click-prob.
 
 Configurations, each on a fresh database:
-  sqlite:   `abrec serve` 1 process (waitress unless --server gunicorn, --threads), SQLite WAL +
+  sqlite:   `abrec serve` 1 process (granian unless --server, --threads), SQLite WAL +
             synchronous=FULL
-  postgres: `abrec serve --workers 4` (gunicorn gthread), PostgreSQL at 127.0.0.1:5432
+  postgres: `abrec serve --workers 4` (granian), PostgreSQL at 127.0.0.1:5432
 and, as the baseline, the same arrival rate straight at the model server (no API, no logging):
-what the API and its durable log add on top of the model.
+what the API and its durable log add on top of the model; unless --no-compare, SQLite once more in
+the previous configuration (waitress, the model server's own defaults), minutes apart.
 
 Reported per configuration: rps (recommendations answered per second), p50_ms / p99_ms (recommendation
 latency from scheduled arrival), cpu_ms_per_rec (CPU of the API processes per recommendation, from
