@@ -69,7 +69,7 @@ def _check(args: argparse.Namespace, url: str) -> None:
     if args.workers > 1 and args.in_process_models:
         raise UsageError("--in-process-models loads the models into the API process: use it with --workers 1")
     if args.server == "waitress" and args.workers > 1:
-        raise UsageError("waitress runs one process: use --server gunicorn for --workers > 1")
+        raise UsageError("waitress runs one process: use --server granian or gunicorn for --workers > 1")
     if args.server in ("gunicorn", "granian") and args.in_process_models:
         raise UsageError("--in-process-models runs under waitress (one process)")
 

@@ -30,10 +30,11 @@ import orjson
 if TYPE_CHECKING:  # the server (and torch) are only needed by the in-process client's caller
     from abrec.models.server import ModelServer
 
+
 class _Connection:
     """One keep-alive HTTP/1.1 connection: the request written in one send, the answer parsed by
-    httptools (the model server's parser). ~4x less CPU per call than http.client, whose
-    header objects and buffered file reader cost more than the call itself."""
+    httptools (the model server's parser). ~3x less CPU per call than http.client, whose header
+    objects and buffered file reader cost more than the call itself."""
 
     def __init__(self, host: str, port: int, timeout: float) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -102,10 +103,10 @@ class HttpModelClient:
     The pool is a LIFO stack of idle connections shared by every calling thread: a call takes the
     most recently used one (or opens one when none is idle) and puts it back after the answer, so
     the pool grows to the most calls ever in flight at once and no further. (A connection per
-    thread, as before, reconnected whenever the WSGI server retired and started request threads,
-    which granian does under varying load.) `deque.append` and `pop` are atomic: no lock on the
-    hot path. Each call is one send and (usually) one recv on a `_Connection`: a full HTTP client
-    would cost more CPU than the API's own work for the request (benchmarks/model_client.py).
+    thread would reconnect whenever the WSGI server retires and starts request threads, as granian
+    does under varying load.) `deque.append` and `pop` are atomic: no lock on the hot path. Each
+    call is one send and (usually) one recv on a `_Connection`: a full HTTP client would cost more
+    CPU than the API's own work for the request (benchmarks/model_client.py).
 
     The deadline bounds connecting, sending and each read of the answer (the model server sends its
     small answer in one write); there is no retry after the deadline, since a retry could only land
