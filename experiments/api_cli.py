@@ -110,6 +110,16 @@ def _init_schema(url: str) -> None:
         engine.dispose()  # workers open their own connections after the fork
 
 
+def _announce(args: argparse.Namespace, settings, server: str) -> None:
+    processes = "1 process" if args.workers == 1 else f"{args.workers} processes"
+    print(
+        f"abrec serve: http://{args.host}:{args.port} ({processes} x {args.threads} threads, {server}, "
+        f"db {settings.database_url.split('@')[-1]})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _serve_waitress(args: argparse.Namespace, settings) -> int:
     import logging
 
@@ -125,12 +135,7 @@ def _serve_waitress(args: argparse.Namespace, settings) -> int:
     if args.in_process_models:
         client = _in_process_client(args, settings)
     app = create_app(settings, model_client=client)
-    print(
-        f"abrec serve: http://{args.host}:{args.port} (1 process x {args.threads} threads, "
-        f"db {settings.database_url.split('@')[-1]})",
-        file=sys.stderr,
-        flush=True,
-    )
+    _announce(args, settings, "waitress")
     try:
         waitress.serve(
             app,
@@ -194,12 +199,7 @@ def _serve_granian(args: argparse.Namespace, settings) -> int:
     from granian import Granian
     from granian.constants import Interfaces
 
-    print(
-        f"abrec serve: http://{args.host}:{args.port} ({args.workers} process(es) x {args.threads} threads,"
-        f" granian, db {settings.database_url.split('@')[-1]})",
-        file=sys.stderr,
-        flush=True,
-    )
+    _announce(args, settings, "granian")
     Granian(
         "abrec.experiments.api:create_app",
         address=args.host,
@@ -245,11 +245,6 @@ def _serve_gunicorn(args: argparse.Namespace, settings) -> int:
 
             return create_app(settings)  # in each worker, after the fork: its own engine and writer
 
-    print(
-        f"abrec serve: http://{args.host}:{args.port} ({args.workers} processes x {args.threads} threads, "
-        f"db {settings.database_url.split('@')[-1]})",
-        file=sys.stderr,
-        flush=True,
-    )
+    _announce(args, settings, "gunicorn gthread")
     Gunicorn().run()
     return 0

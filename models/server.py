@@ -335,7 +335,6 @@ class LoadedVersion:
         self.external = np.array([""] + item_map.external_ids, dtype=object)
         self.internal: dict[str, int] = {e: i for i, e in enumerate(item_map.external_ids, start=1)}
         self.popular = popular
-        self.precision = precision
         self.weight = model.output_weight().detach()  # [N+1, d], fp32: exact scores
         tensors = [*model.parameters(), *model.buffers()]
         # A product gives (scores [B, N], slack [B]): rough scores within slack of the exact ones
@@ -481,22 +480,21 @@ class ModelServer:
             raise ValueError("max_batch and concurrent_batches must be >= 1 and max_delay_s >= 0")
         if precision not in (None, *PRECISIONS):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
-        on_cpu = torch.device(device or default_device()).type == "cpu"
+        self.device = device or default_device()
+        on_cpu = torch.device(self.device).type == "cpu"
         if precision == "int8" and not (on_cpu and int8_available()):
             raise ValueError("int8 scoring needs a CPU with fbgemm")
         self.sessions = sessions
         self.store = store
         self.explicit = list(dict.fromkeys(aliases))
         self.discover = discover
-        self.device = device or default_device()
         self.precision = precision or default_precision(self.device)
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.poll_s = poll_s
         self._lock = threading.Lock()
         if concurrent_batches is None:
-            cpu = torch.device(self.device).type == "cpu"
-            concurrent_batches = max(1, (os.cpu_count() or 1) // torch.get_num_threads()) if cpu else 1
+            concurrent_batches = max(1, (os.cpu_count() or 1) // torch.get_num_threads()) if on_cpu else 1
         self.concurrent_batches = concurrent_batches
         self._device_slots = threading.BoundedSemaphore(concurrent_batches)
         self._routes: dict[str, LoadedVersion] = {}  # alias or pinned version -> what serves it
