@@ -176,10 +176,10 @@ def test_a_failing_arm_serves_the_fallback_and_the_other_arm_is_untouched(
         raise RuntimeError("injected fault in the tron arm")
 
     # The tron arm's resident model raises on every forward pass (the full one and the serving
-    # path's last-position one); sasrec's model is untouched.
+    # paths' padded and unpadded ones); sasrec's model is untouched.
     tron = models.server._routes["tron@champion"].model
-    monkeypatch.setattr(tron, "forward", failing)
-    monkeypatch.setattr(tron, "forward_last", failing)
+    for method in ("forward", "forward_last", "forward_ragged"):
+        monkeypatch.setattr(tron, method, failing)
     api = Api(sqlite_url, models.url, tmp_path / "serve.log").start()
     try:
         replay, thread, box = replay_in_background(api.url, world.tokens["admin"], shop_sessions(60, seed_=1))

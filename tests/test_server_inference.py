@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 from abrec.models.checkpoint import load_checkpoint
-from abrec.models.inference import pad_left, top_k, top_within, topk_batch
-from abrec.models.server import Bf16Product, Int8Product, LoadedVersion, int8_available
+from abrec.models.inference import RAGGED_ROWS, hidden_last, pad_left, top_k, top_within, topk_batch
+from abrec.models.server import Bf16Product, Int8Product, LoadedVersion, default_precision, int8_available
 
 
 @pytest.mark.parametrize(("layers", "heads"), [(1, 1), (2, 1), (3, 4)])
@@ -30,8 +30,28 @@ def test_forward_last_equals_the_full_forward(layers: int, heads: int) -> None:
         torch.testing.assert_close(model.forward_last(items, mask), full, rtol=1e-5, atol=1e-5)
         alone = torch.cat([model.forward_last(*pad_left([s], 8)) for s in sessions])
         torch.testing.assert_close(alone, full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.forward_ragged(sessions), full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.forward_ragged(sessions[3:4]), full[3:4], rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="inference"):
         model.train().forward_last(items, mask)
+    with pytest.raises(RuntimeError, match="inference"):
+        model.forward_ragged(sessions)
+
+
+def test_hidden_last_lays_few_clicks_end_to_end_and_pads_many(monkeypatch) -> None:
+    from abrec.models.presets import build_model, resolve_config
+
+    torch.manual_seed(0)
+    model = build_model("tron", resolve_config("tron", {"hidden": 16, "max_len": 8}), 50).eval()
+    ragged, calls = model.forward_ragged, []
+    monkeypatch.setattr(model, "forward_ragged", lambda batch: calls.append(len(batch)) or ragged(batch))
+    few = [[1, 2, 3], [], [4] * 20]  # an empty session counts one row, a long one max_len
+    many = [[i % 50 + 1] * 8 for i in range(RAGGED_ROWS // 8 + 1)]
+    with torch.inference_mode():
+        for sessions in (few, many):
+            torch.testing.assert_close(hidden_last(model, sessions), model(*pad_left(sessions, 8))[:, -1],
+                                       rtol=1e-5, atol=1e-5)
+    assert calls == [3]
 
 
 @pytest.mark.parametrize(("rows", "columns", "k"), [(1, 43_098, 20), (16, 43_098, 32), (5, 10_000, 39),
@@ -145,8 +165,8 @@ def test_shortlist_scoring_answers_as_fp32(make_checkpoint, exclude: bool, preci
     assert [a.items[:20] for a in fp32[:8]] == [[external(int(i)) for i in row] for row in ids]
     if precision == "bf16":  # a bf16 copy of the scoring matrix, not fp32
         assert rough.memory_bytes < exact.memory_bytes
-    else:  # an int8 copy besides fp32's (for single sessions)
-        assert rough.memory_bytes > exact.memory_bytes
+    else:  # an int8 copy (a quarter of fp32's), and without VNNI fp32's too, for single sessions
+        assert (rough.memory_bytes < exact.memory_bytes) == torch.cpu._is_vnni_supported()
 
 
 def test_one_session_batches_of_every_size_agree(make_checkpoint) -> None:
@@ -161,3 +181,12 @@ def test_one_session_batches_of_every_size_agree(make_checkpoint) -> None:
         assert [a.items for a in batched] == [a.items for a in single], precision
         np.testing.assert_allclose([a.scores for a in batched], [a.scores for a in single],
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_default_precision_follows_the_hardware(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert default_precision("cpu") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    # AVX512-BF16 without AMX (Zen 4) multiplies bf16 matrices slower than fbgemm's int8.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert default_precision("cpu") == ("int8" if int8_available() else "fp32")
