@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
     from abrec.models.registry import RegistryError
-    from abrec.models.server import HttpServer, ModelServer, default_device
+    from abrec.models.server import ModelServer, default_device
+    from abrec.models.server_http import HttpServer
     from abrec.models.store import open_store
 
     from abrec.cli import UsageError

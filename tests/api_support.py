@@ -74,7 +74,8 @@ class ModelServerThread:
     """The real model server (dynamic batcher + its HTTP listener) on a loopback port, in this process."""
 
     def __init__(self, url: str, store_dir: Path) -> None:
-        from abrec.models.server import HttpServer, ModelServer
+        from abrec.models.server import ModelServer
+        from abrec.models.server_http import HttpServer
 
         self.engine = make_engine(url)
         self.server = ModelServer(session_factory(self.engine), DirectoryStore(store_dir), poll_s=0.2).start()

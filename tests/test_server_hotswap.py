@@ -12,7 +12,8 @@ from abrec.models import registry
 from abrec.models.checkpoint import load_checkpoint
 from abrec.models.client import HttpModelClient, ModelUnavailable
 from abrec.models.inference import topk_batch
-from abrec.models.server import HttpServer, ModelServer
+from abrec.models.server import ModelServer
+from abrec.models.server_http import HttpServer
 from abrec.models.store import DirectoryStore
 
 from abrec.db import init_db, make_engine, session_factory

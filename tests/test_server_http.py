@@ -18,7 +18,8 @@ from abrec.experiments import service
 from abrec.models import registry
 from abrec.models import server as server_module
 from abrec.models.client import HttpModelClient, InProcessModelClient, ModelUnavailable, Recommendation
-from abrec.models.server import HttpServer, ModelServer
+from abrec.models.server import ModelServer
+from abrec.models.server_http import MAX_ITEMS, HttpServer
 from abrec.models.store import DirectoryStore
 
 from abrec.cli import main
@@ -93,7 +94,7 @@ def test_bad_requests_get_4xx_naming_the_problem(live) -> None:
 
 def test_too_many_items_and_wrong_methods(live) -> None:
     _, http = live
-    body = {"model": "tron@champion", "items": ["i1"] * (server_module.MAX_ITEMS + 1)}
+    body = {"model": "tron@champion", "items": ["i1"] * (MAX_ITEMS + 1)}
     assert requests.post(f"{http.url}/v1/recommend", json=body).status_code == 400
     assert requests.get(f"{http.url}/v1/recommend").status_code == 405
     assert requests.post(f"{http.url}/readyz").status_code == 405
