@@ -515,7 +515,15 @@ def run_config(
 
 
 def machine() -> dict:
+    # Machines of one name differ between sessions (AVX2 only, or AVX-512 with VNNI): say which.
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    features = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
     return {
+        "cpu": fields.get("model name") or platform.processor(),
+        "cpu_features": [f for f in features if f in flags],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),

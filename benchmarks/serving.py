@@ -385,8 +385,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int,
                         help="torch threads of both servers (default: the model server's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
-    parser.add_argument("--note", default="shared 2-core machine; other engineers' jobs were running",
-                        help="conditions of the run, recorded in the JSON")
+    parser.add_argument("--note", default="", help="conditions of the run, recorded in the JSON")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
