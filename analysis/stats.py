@@ -12,6 +12,7 @@ simulated experiment), which is how the simulations check the error rates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -353,6 +354,8 @@ def srm_test(
         raise ValueError("weights must be positive numbers")
     observed = np.array([float(users[a]) for a in arms])
     expected = observed.sum() * w / w.sum()
+    if observed.sum() == 0:  # no users yet: no test (NaN), no alert, and no 0/0 inside scipy
+        return SRM(chi2=math.nan, p_value=math.nan, expected=dict.fromkeys(arms, 0.0), alert=False)
     chi2, p = stats.chisquare(observed, expected)
     return SRM(
         chi2=float(chi2),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -176,6 +177,14 @@ def test_srm_uses_the_configured_weights() -> None:
     assert srm_test({"a": 6670, "b": 3330}).alert  # against equal weights it is a glaring mismatch
     with pytest.raises(ValueError, match="weights name arms"):
         srm_test({"a": 1, "b": 2}, {"a": 1, "c": 1})
+
+
+def test_srm_without_users_is_no_test_and_no_alert() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's chi-square would divide 0 by 0
+        srm = srm_test({"a": 0, "b": 0}, {"a": 1, "b": 3})
+    assert math.isnan(srm.chi2) and math.isnan(srm.p_value) and not srm.alert
+    assert srm.expected == {"a": 0.0, "b": 0.0}
 
 
 @pytest.mark.parametrize(("method", "reference"), [("holm", "holm"), ("bh", "fdr_bh")])
