@@ -19,7 +19,7 @@ requests per arm); 8 and 16 show the trend.
 Sessions are prefixes of Diginetica test sessions when ../shared/data is present, else random
 ones of 1-9 clicks.
 
-    .venv/bin/python benchmarks/compute.py [--reps 100] [--rounds 5]
+    .venv/bin/python benchmarks/compute.py [--reps 100] [--rounds 5] [--precisions fp32,bf16,int8]
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=100, help="batches per configuration, size and round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated; e.g. int8 for a long A/B "
+                   "of the two forward paths")
     p.add_argument("--out", type=Path, default=RESULTS / "compute.json")
     args = p.parse_args()
 
@@ -88,7 +90,7 @@ def main() -> int:
     from abrec.models.server import default_precision, int8_available
 
     torch.set_num_threads(1)
-    precisions = ["fp32", "bf16"] + (["int8"] if int8_available() else [])
+    precisions = [x for x in args.precisions.split(",") if x != "int8" or int8_available()]
     configs = [(f, prec) for prec in precisions for f in ("padded", "ragged")]
     cpu = torch.cpu
     bf16_before = cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()  # the old rule
@@ -117,6 +119,8 @@ def main() -> int:
     table = {f"{f}/{prec}": {str(b): round(float(np.median(v)), 3) for b, v in by_size.items()}
              for (f, prec), by_size in times.items()}
     key_prev, key_cur = "/".join(previous), "/".join(current)
+    if key_prev not in table:  # a run without the previous default's precision compares paths only
+        key_prev = f"padded/{current[1]}"
     results = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -129,10 +133,10 @@ def main() -> int:
         "unit": "CPU ms per batch (LoadedVersion.run, two arms alternating, one torch thread), median",
         "reps_per_round": args.reps,
         "rounds": args.rounds,
-        "previous_default": key_prev,
+        "baseline": key_prev,  # the previous default, or the padded path where --precisions lacks it
         "current_default": key_cur,
         "ms_per_batch": table,
-        "ratio_current_to_previous": {
+        "ratio_current_to_baseline": {
             str(b): round(table[key_cur][str(b)] / table[key_prev][str(b)], 3) for b in SIZES},
         "ragged_to_padded": {
             prec: {str(b): round(table[f"ragged/{prec}"][str(b)] / table[f"padded/{prec}"][str(b)], 3)
@@ -143,9 +147,9 @@ def main() -> int:
     width = max(map(len, table))
     print(f"{'CPU ms per batch':<{width}}  " + "  ".join(f"B={b:<5}" for b in SIZES))
     for key, row in table.items():
-        mark = " <- current" if key == key_cur else " <- previous" if key == key_prev else ""
+        mark = " <- current" if key == key_cur else " <- baseline" if key == key_prev else ""
         print(f"{key:<{width}}  " + "  ".join(f"{row[str(b)]:<7.3f}" for b in SIZES) + mark)
-    print("current / previous:", results["ratio_current_to_previous"])
+    print("current / baseline:", results["ratio_current_to_baseline"])
     print(f"wrote {args.out}")
     return 0
 
