@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -179,12 +180,31 @@ def _share_between_workers() -> None:
         raise UsageError("internal: prometheus_client was imported before multiprocess mode was set up")
 
 
+def _forget_dead_workers() -> None:
+    """Drop the live gauges of workers that are gone. Granian reports no worker's exit (gunicorn's
+    child_exit does this), so each new worker, a respawned one included, clears its predecessors'."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    from prometheus_client import multiprocess
+
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, directory)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
 def _granian_app(_target: str, settings):
     """The app, built in each granian worker (after the fork: its own engine and writer)."""
     from multiprocessing.util import Finalize
 
     from abrec.experiments.api import create_app, shutdown
 
+    _forget_dead_workers()
     app = create_app(settings)
     # A granian worker is a multiprocessing child, which skips atexit: its finalizers run instead.
     Finalize(app, shutdown, args=(app,), exitpriority=10)

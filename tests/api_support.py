@@ -131,8 +131,8 @@ class ServeProcess:
             "--server",
             server,
         ]
-        full_env = {**os.environ, "ABREC_SECRET_KEY": "test-secret", **(env or {})}
-        full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        full_env = {**inherited, "ABREC_SECRET_KEY": "test-secret", **(env or {})}
         self._log = open(log, "ab") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=full_env, stdout=self._log, stderr=self._log, start_new_session=True

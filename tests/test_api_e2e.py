@@ -4,6 +4,8 @@ survived without restart."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -112,8 +114,15 @@ def test_serve_refuses_waitress_with_several_processes(tmp_path) -> None:
 def test_workers_on_postgresql_share_metrics_and_clock(wsgi, pg_url, tmp_path, make_checkpoint) -> None:
     world = seed(pg_url, tmp_path / "store", make_checkpoint)
     ms = ModelServerThread(world.url, world.store)
-    server = ServeProcess(pg_url, ms.url, workers=3, threads=4, server=wsgi, log=tmp_path / "serve.log")
+    metrics_dir = tmp_path / "metrics"
+    server = ServeProcess(pg_url, ms.url, workers=3, threads=4, server=wsgi, log=tmp_path / "serve.log",
+                          env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
     server.wait_ready()
+
+    def live_gauge_pids() -> set[int]:
+        pids = {int(p.stem.rsplit("_", 1)[1]) for p in metrics_dir.glob("gauge_live*_*.db")}
+        return pids - {server.proc.pid}
+
     try:
         with ThreadPoolExecutor(6) as pool:
             chunks = list(
@@ -142,6 +151,16 @@ def test_workers_on_postgresql_share_metrics_and_clock(wsgi, pg_url, tmp_path, m
             for _ in range(20)
         }
         assert offsets == {7200.0}
+        # A worker killed outright takes its live gauges with it once the server notices (gunicorn's
+        # child_exit; granian has no such hook: the worker it respawns clears them), so a dead
+        # worker's last queue depth is not summed forever.
+        victim = min(live_gauge_pids())
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while victim in live_gauge_pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert victim not in live_gauge_pids()
+        assert requests.get(server.base + "/metrics").status_code == 200
     finally:
         server.kill()
         ms.stop()
