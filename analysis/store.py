@@ -47,7 +47,28 @@ from abrec.db import Base
 Executor = Session | Connection
 
 
-class AnalysisSnapshot(Base):
+class _ArmDay:
+    """The key columns of one arm's row for one local day of a phase."""
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
+    phase_id: Mapped[int] = mapped_column(ForeignKey("phases.id", ondelete="CASCADE"))
+    day: Mapped[date] = mapped_column(Date)
+    arm_name: Mapped[str] = mapped_column(String(64))
+
+
+class _Moments:
+    """User-level sufficient statistics (stats.Moments): n and the sums of x, y, x^2, y^2 and x*y."""
+
+    n: Mapped[float] = mapped_column(Float)
+    sum_x: Mapped[float] = mapped_column(Float)
+    sum_y: Mapped[float] = mapped_column(Float)
+    sum_x2: Mapped[float] = mapped_column(Float)
+    sum_y2: Mapped[float] = mapped_column(Float)
+    sum_xy: Mapped[float] = mapped_column(Float)
+
+
+class AnalysisSnapshot(_ArmDay, _Moments, Base):
     """One arm's cumulative sufficient statistics in one phase as of the end of `day` (local)."""
 
     __tablename__ = "analysis_snapshots"
@@ -56,17 +77,6 @@ class AnalysisSnapshot(Base):
         Index("ix_analysis_snapshots_experiment_id", "experiment_id"),
     )
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
-    phase_id: Mapped[int] = mapped_column(ForeignKey("phases.id", ondelete="CASCADE"))
-    day: Mapped[date] = mapped_column(Date)
-    arm_name: Mapped[str] = mapped_column(String(64))
-    n: Mapped[float] = mapped_column(Float)
-    sum_x: Mapped[float] = mapped_column(Float)
-    sum_y: Mapped[float] = mapped_column(Float)
-    sum_x2: Mapped[float] = mapped_column(Float)
-    sum_y2: Mapped[float] = mapped_column(Float)
-    sum_xy: Mapped[float] = mapped_column(Float)
     sum_px: Mapped[float] = mapped_column(Float)
     sum_py: Mapped[float] = mapped_column(Float)
     sum_px2: Mapped[float] = mapped_column(Float)
@@ -79,37 +89,21 @@ class AnalysisSnapshot(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class AnalysisNovelty(Base):
+class AnalysisNovelty(_ArmDay, _Moments, Base):
     """As of `day`: an arm's sums over users of their counts on day k since first exposure."""
 
     __tablename__ = "analysis_novelty"
     __table_args__ = (UniqueConstraint("phase_id", "day", "arm_name", "days_since_exposure"),)
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
-    phase_id: Mapped[int] = mapped_column(ForeignKey("phases.id", ondelete="CASCADE"))
-    day: Mapped[date] = mapped_column(Date)
-    arm_name: Mapped[str] = mapped_column(String(64))
     days_since_exposure: Mapped[int] = mapped_column(Integer)
-    n: Mapped[float] = mapped_column(Float)
-    sum_x: Mapped[float] = mapped_column(Float)
-    sum_y: Mapped[float] = mapped_column(Float)
-    sum_x2: Mapped[float] = mapped_column(Float)
-    sum_y2: Mapped[float] = mapped_column(Float)
-    sum_xy: Mapped[float] = mapped_column(Float)
 
 
-class AnalysisHealth(Base):
+class AnalysisHealth(_ArmDay, Base):
     """How an arm was served on one local day of a phase (all served impressions, analysed or not)."""
 
     __tablename__ = "analysis_health"
     __table_args__ = (UniqueConstraint("phase_id", "day", "arm_name"),)
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
-    phase_id: Mapped[int] = mapped_column(ForeignKey("phases.id", ondelete="CASCADE"))
-    day: Mapped[date] = mapped_column(Date)
-    arm_name: Mapped[str] = mapped_column(String(64))
     impressions: Mapped[int] = mapped_column(Integer)
     fallbacks: Mapped[int] = mapped_column(Integer)
     latency_p50_ms: Mapped[float | None] = mapped_column(Float)
