@@ -540,10 +540,21 @@ def meets_goal(r: dict) -> bool:
     return r["p99_ms"] <= 50 and r["fallback_rate"] <= 0.01 and r["errors"] == 0 and r["lost_events"] == 0
 
 
+def rates(text: str) -> list[float]:
+    """--sweep's argument: comma-separated positive rates."""
+    try:
+        values = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rates such as 500,700: {text!r}") from None
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"rates must be positive; got {text!r}")
+    return values
+
+
 def sweep(args: argparse.Namespace, paths: dict[str, Path], work: Path) -> list[dict]:
     """SQLite at each --sweep rate, as configured, each on a fresh database."""
     points = []
-    for i, rate in enumerate(float(r) for r in args.sweep.split(",")):
+    for i, rate in enumerate(args.sweep):
         point = run_config(f"sqlite-sweep-{i}", f"sqlite:///{work / f'load-sweep-{i}.db'}",
                            work / f"store-sweep-{i}", paths, work,
                            argparse.Namespace(**{**vars(args), "baseline": False}), rate, 1, args.threads)
@@ -588,7 +599,7 @@ def main() -> int:
         "--pg-rate", type=float, default=210.0, help="recommendations/s on PostgreSQL (4 processes)"
     )
     p.add_argument(
-        "--sweep", default="", metavar="RATES",
+        "--sweep", type=rates, default=[], metavar="RATES",
         help="comma-separated further SQLite rates (each on a fresh database, no baseline): the capacity",
     )
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds per configuration")
