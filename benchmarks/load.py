@@ -531,8 +531,9 @@ def machine() -> dict:
     }
 
 
-SWEEP_KEYS = ("rps", "p50_ms", "p99_ms", "errors", "fallback_rate", "lost_events", "cpu_ms_per_rec",
-              "model_server_cpu_ms_per_rec", "generator_cpu_ms_per_rec")
+# The figures kept of a configuration that is only compared with (the previous one, sweep points).
+SUMMARY_KEYS = ("rps", "p50_ms", "p99_ms", "errors", "fallback_rate", "lost_events", "cpu_ms_per_rec",
+                "model_server_cpu_ms_per_rec", "generator_cpu_ms_per_rec")
 
 
 def meets_goal(r: dict) -> bool:
@@ -558,7 +559,7 @@ def sweep(args: argparse.Namespace, paths: dict[str, Path], work: Path) -> list[
         point = run_config(f"sqlite-sweep-{i}", f"sqlite:///{work / f'load-sweep-{i}.db'}",
                            work / f"store-sweep-{i}", paths, work,
                            argparse.Namespace(**{**vars(args), "baseline": False}), rate, 1, args.threads)
-        points.append({"target_rate": rate, **{k: point[k] for k in SWEEP_KEYS}})
+        points.append({"target_rate": rate, **{k: point[k] for k in SUMMARY_KEYS}})
         print(json.dumps(points[-1]), flush=True)
     return points
 
@@ -694,9 +695,7 @@ def main() -> int:
                 results["sqlite"]["previous_config"] = {
                     "api_server": "waitress", "model_concurrent_batches": "server default",
                     "model_max_delay_ms": 0.0,
-                    **{k: old[k] for k in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_rec", "errors",
-                                           "fallback_rate", "lost_events", "model_server_cpu_ms_per_rec",
-                                           "generator_cpu_ms_per_rec")},
+                    **{k: old[k] for k in SUMMARY_KEYS},
                 }
             if args.sweep:
                 results["sqlite"]["sweep"] = sweep(args, paths, work)
