@@ -14,7 +14,8 @@ all alike. Configurations:
   builds them on this machine; bf16 and int8 re-score a shortlist in fp32.
 The baseline is the previous default on this machine (`padded` forward, and bf16 where the CPU
 has AVX512-BF16). Batch sizes 1-4 are those of the live load (a 10 ms window at 300/s holds ~1-3
-requests per arm); 8 and 16 show the trend.
+requests per arm); 8 and 16 show the trend. Apart, `product_ms`: the scoring product alone per
+precision (what `default_precision` weighs).
 
 Sessions are prefixes of Diginetica test sessions when ../shared/data is present, else random
 ones of 1-9 clicks.
@@ -76,6 +77,29 @@ def one_batch(arm, sessions: list[list[str]]) -> float:
     return time.thread_time() - t0
 
 
+def product_costs(arms: dict[str, list], reps: int) -> dict:
+    """CPU ms of the scoring product alone (the one `run` takes: `single` for one session), both arms
+    alternating, median of `reps` per precision and batch size: what the precision rule weighs."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    costs: dict = {}
+    for prec, pair in arms.items():
+        costs[prec] = {}
+        for size in (1, 2, 4):
+            times = []
+            for rep in range(reps + 4):
+                arm = pair[rep % 2]
+                hidden = torch.randn(size, arm.weight.shape[1], generator=gen)
+                with torch.inference_mode():
+                    t0 = time.thread_time()
+                    (arm.single if size == 1 else arm.product)(hidden)
+                    if rep >= 4:
+                        times.append((time.thread_time() - t0) * 1000)
+            costs[prec][str(size)] = round(float(np.median(times)), 3)
+    return costs
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=100, help="batches per configuration, size and round")
@@ -115,6 +139,7 @@ def main() -> int:
                                 times[forward, prec][size].append(seconds * 1000)
                         bar.update()
         inference.RAGGED_ROWS = rows
+        products = product_costs(arms, args.reps)
 
     table = {f"{f}/{prec}": {str(b): round(float(np.median(v)), 3) for b, v in by_size.items()}
              for (f, prec), by_size in times.items()}
@@ -138,6 +163,7 @@ def main() -> int:
         "ms_per_batch": table,
         "ratio_current_to_baseline": {
             str(b): round(table[key_cur][str(b)] / table[key_prev][str(b)], 3) for b in SIZES},
+        "product_ms": products,
         "ragged_to_padded": {
             prec: {str(b): round(table[f"ragged/{prec}"][str(b)] / table[f"padded/{prec}"][str(b)], 3)
                    for b in SIZES} for prec in precisions},
@@ -150,6 +176,7 @@ def main() -> int:
         mark = " <- current" if key == key_cur else " <- baseline" if key == key_prev else ""
         print(f"{key:<{width}}  " + "  ".join(f"{row[str(b)]:<7.3f}" for b in SIZES) + mark)
     print("current / baseline:", results["ratio_current_to_baseline"])
+    print("scoring product alone, CPU ms by batch size:", products)
     print(f"wrote {args.out}")
     return 0
 

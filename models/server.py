@@ -335,7 +335,7 @@ class LoadedVersion:
             self.product = Int8Product(self.weight)
             # One session alone, without VNNI: MKL's fp32 matrix-vector product is ~10 % cheaper
             # than int8 with its shortlist (fbgemm gains from two sessions on), and exact. With
-            # VNNI, int8 costs half as much (0.62 vs 1.29 ms on a Zen 4 core).
+            # VNNI, int8 costs about a third (0.45 vs 1.23 ms on a Zen 4 core, benchmarks/compute.py).
             vnni = torch.cpu._is_vnni_supported()
             self.single = self.product if vnni else Fp32Product(self.weight)
             extra = self.product.nbytes + (0 if vnni else self.single.nbytes)
@@ -432,7 +432,7 @@ def default_precision(device: str) -> str:
     CPU, int8 (fbgemm), which answers as fp32 does at about a third of its cost; else fp32.
 
     AVX512-BF16 alone is not enough: on a Zen 4 core oneDNN's bf16 product of one session with
-    43,097 items costs 1.2 ms where fbgemm's int8 (VNNI) costs 0.62 (benchmarks/serving.py)."""
+    43,097 items costs 1.16 ms where fbgemm's int8 (VNNI) costs 0.45 (benchmarks/compute.py)."""
     if torch.device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if torch.cpu._is_amx_tile_supported():
