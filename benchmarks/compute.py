@@ -108,6 +108,11 @@ def main() -> int:
                    "of the two forward paths")
     p.add_argument("--out", type=Path, default=RESULTS / "compute.json")
     args = p.parse_args()
+    unknown = set(args.precisions.split(",")) - {"fp32", "bf16", "int8"}
+    if unknown:
+        p.error(f"unknown precision(s) {sorted(unknown)}: choose from fp32, bf16, int8")
+    if args.reps < 1 or args.rounds < 1:
+        p.error("--reps and --rounds must be at least 1")
 
     import torch
     from abrec.models import inference
